@@ -137,9 +137,9 @@ PRESETS: dict[str, dict] = {
     # small presets for the byte tokenizer: tests, quickstart, laptops
     "tiny": dict(vocab_size=BYTE_VOCAB, hidden_size=128, num_layers=5, num_heads=4, num_kv_heads=2,
                  local_window=32, max_seq_len=1024),
-    "small": dict(vocab_size=BYTE_VOCAB, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+    "small": dict(vocab_size=BYTE_VOCAB, hidden_size=256, num_layers=5, num_heads=8, num_kv_heads=2,
                   local_window=64, max_seq_len=2048),
-    "medium": dict(vocab_size=BYTE_VOCAB, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
+    "medium": dict(vocab_size=BYTE_VOCAB, hidden_size=512, num_layers=7, num_heads=8, num_kv_heads=4,
                    local_window=64, max_seq_len=4096),
     # GPT-style sizes for a BPE vocabulary
     "125m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, max_seq_len=4096),

@@ -1,0 +1,225 @@
+"""The HALO-S language model (and, with attention='dense', its parameter-matched dense baseline).
+
+embedding -> blocks [norm -> attention (GQA, RoPE, global slots) -> residual -> norm -> MLP -> residual]
+-> final norm -> LM head. Global key/value slots are learned per layer and carry no RoPE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import halo_attention, resolve_backend
+from .attention.neighbors import mean_keys_per_query
+from .config import HaloConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(config: HaloConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [N, D/2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) by the position's angles. x [B, heads, N, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: HaloConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
+        self.global_k = nn.Parameter(torch.empty(kv, config.num_globals, d))
+        self.global_v = nn.Parameter(torch.empty(kv, config.num_globals, d))
+
+    def forward(self, x, cos, sin, backend: str):
+        b, n, _ = x.shape
+        c = self.config
+        q = self.q_proj(x).view(b, n, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gk, gv = self.global_k.to(q.dtype), self.global_v.to(q.dtype)
+        out = halo_attention(q, k, v, gk, gv, c, self.layer, backend=backend)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: HaloConfig):
+        super().__init__()
+        self.swiglu = config.use_swiglu
+        hidden, ffn = config.hidden_size, config.ffn_size
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        if self.swiglu:
+            self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: HaloConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, backend: str):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, backend))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class HaloSModel(nn.Module):
+    """`model(input_ids)` -> logits [B, N, vocab]; `model(input_ids, labels=labels)` -> (logits, loss).
+
+    labels[b, t] is the target of position t (already shifted), -100 is ignored.
+    """
+
+    def __init__(self, config: HaloConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # a hook the trainer sets to wrap each block (activation checkpointing); signature f(block, x, cos, sin, backend)
+        self.block_runner = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm weights
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, residual_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def check_input(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        n = input_ids.shape[1]
+        if n > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {n} exceeds HaloConfig.max_seq_len={self.config.max_seq_len}; "
+                "raise max_seq_len (the default dilated offsets grow with it) or shorten the input"
+            )
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}) "
+                f"(HaloConfig.vocab_size={self.config.vocab_size}): the data and the model disagree"
+            )
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.check_input(input_ids)
+        n = input_ids.shape[1]
+        x = self.embed(input_ids)
+        backend = resolve_backend(self.config.attention, x.device)
+        cos, sin = rope_tables(torch.arange(n, device=x.device), self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.blocks:
+            if self.block_runner is not None:
+                x = self.block_runner(block, x, cos, sin, backend)
+            else:
+                x = block(x, cos, sin, backend)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.lm_head(self.hidden_states(input_ids))
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # ---- counting ------------------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Matmul FLOPs per token, sparse attention counted exactly. See docs/flops.md."""
+        c = self.config
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        keys = mean_keys_per_query(seq_len, c)
+        attention = 4 * c.num_layers * c.num_heads * c.head_dim * keys  # QK^T and PV, 2 FLOPs per MAC
+        forward = 2 * matmul + attention
+        return 3 * forward if training else forward
+
+    # ---- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        self.config.to_json(directory / "config.json")
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "model_type": "halo-s"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device="cpu", **config_overrides) -> "HaloSModel":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: expected a directory written by save_pretrained or halo-export")
+        config = HaloConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        weights = sorted(directory.glob("model*.safetensors"))
+        if not weights:
+            raise FileNotFoundError(f"{directory} has no model.safetensors (or model-*.safetensors shards)")
+        model = cls(config)
+        state = {}
+        for f in weights:
+            state.update(load_file(str(f), device=str(device)))
+        if config.tie_embeddings:
+            state.setdefault("lm_head.weight", state.get("embed.weight"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+        return model.to(device)
