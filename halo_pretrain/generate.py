@@ -1,0 +1,306 @@
+"""Text generation with a KV cache: each new token reads only its HALO-S neighbours and the global slots.
+
+The cache holds K (RoPE applied) and V of every position, per layer. The prompt is run once through
+the model's own attention backend (prefill); each later token gathers from the cache the keys
+`neighbor_index` names for its position, so cached decoding computes the training function exactly.
+
+A batch of prompts is right-padded: every row keeps its true positions (RoPE and the neighbour set
+depend on them), and the padding sits after a row's last token, where causality hides it; a row
+overwrites it as it generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .attention import halo_attention, resolve_backend
+from .attention.neighbors import neighbor_index
+from .model import HaloSModel, apply_rope, rope_tables
+
+
+class CachedDecoder:
+    """Runs `model` one token at a time over a KV cache. `prefill` first, then `step` per token."""
+
+    def __init__(self, model: HaloSModel, batch: int, capacity: int):
+        c = model.config
+        self.model, self.config, self.capacity = model, c, capacity
+        dtype, device = model.embed.weight.dtype, model.embed.weight.device
+        shape = (batch, capacity, c.num_kv_heads, c.head_dim)  # [B, position, KV, D]: rows gather by position
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
+
+    def _qkv(self, attn, h, cos, sin):
+        b, n, _ = h.shape
+        c = self.config
+        q = attn.q_proj(h).view(b, n, c.num_heads, c.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _logits(self, x):
+        return self.model.lm_head(self.model.norm(x))
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N] (right-padded), lengths [B] -> logits at each row's last real token [B, vocab]."""
+        model, c = self.model, self.config
+        model.check_input(tokens)
+        n = tokens.shape[1]
+        x = model.embed(tokens)
+        backend = resolve_backend(c.attention, x.device)
+        cos, sin = rope_tables(torch.arange(n, device=x.device), c.head_dim, c.rope_theta, x.dtype)
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = self._qkv(attn, block.attn_norm(x), cos, sin)
+            self.k[layer][:, :n] = k.transpose(1, 2)
+            self.v[layer][:, :n] = v.transpose(1, 2)
+            gk, gv = attn.global_k.to(q.dtype), attn.global_v.to(q.dtype)
+            out = halo_attention(q, k, v, gk, gv, c, layer, backend=backend)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], n, -1))
+            x = x + block.mlp(block.mlp_norm(x))
+        last = x[torch.arange(x.shape[0], device=x.device), lengths.to(x.device) - 1]
+        return self._logits(last)
+
+    def _neighbours(self, layer: int, positions: torch.Tensor):
+        """Cache rows each query reads: (index [B, K], valid [B, K])."""
+        lo, hi = int(positions.min()), int(positions.max())
+        if self.config.attention == "dense":
+            index = torch.arange(hi + 1, device=positions.device).expand(len(positions), -1)
+            return index, index <= positions[:, None]
+        index, valid = neighbor_index(hi + 1, self.config, layer, device=positions.device, start=lo)
+        return index[positions - lo], valid[positions - lo]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [B] placed at positions [B] (each < capacity) -> logits of the next token [B, vocab]."""
+        model, c = self.model, self.config
+        b = tokens.shape[0]
+        rows = torch.arange(b, device=tokens.device)
+        x = model.embed(tokens)[:, None]  # [B, 1, hidden]
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = cos[:, None, None], sin[:, None, None]  # broadcast over heads and the one query
+        group = c.num_heads // c.num_kv_heads
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = self._qkv(attn, block.attn_norm(x), cos, sin)
+            self.k[layer][rows, positions] = k[:, :, 0]
+            self.v[layer][rows, positions] = v[:, :, 0]
+            index, valid = self._neighbours(layer, positions)
+            k_rows = self.k[layer][rows[:, None], index]  # [B, K, KV, D]
+            v_rows = self.v[layer][rows[:, None], index]
+            qg = q[:, :, 0].reshape(b, c.num_kv_heads, group, c.head_dim)
+            gk, gv = attn.global_k.to(q.dtype), attn.global_v.to(q.dtype)
+            scale = c.head_dim**-0.5
+            tok = torch.einsum("bcgd,bkcd->bcgk", qg, k_rows) * scale
+            tok = tok.masked_fill(~valid[:, None, None, :], float("-inf"))
+            glb = torch.einsum("bcgd,cjd->bcgj", qg, gk) * scale
+            p = torch.softmax(torch.cat([glb, tok], dim=-1), dim=-1)
+            g = gk.shape[1]
+            out = torch.einsum("bcgj,cjd->bcgd", p[..., :g], gv)
+            out = out + torch.einsum("bcgk,bkcd->bcgd", p[..., g:], v_rows)
+            x = x + attn.o_proj(out.reshape(b, 1, -1))
+            x = x + block.mlp(block.mlp_norm(x))
+        return self._logits(x[:, 0])
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits [B, vocab]. temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k}: must be >= 1 (or None for no top-k filter)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+
+
+@torch.no_grad()
+def generate(model: HaloSModel, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             stop_tokens: Sequence[int] = (), seed: int | None = None, pad_id: int = 0) -> list[list[int]]:
+    """The new tokens of each prompt (a stop token ends a row and is not returned).
+
+    A row also ends at max_seq_len tokens in all (with a warning). A prompt longer than max_seq_len
+    is an error.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    prompts = [[int(t) for t in p] for p in prompts]
+    max_len = model.config.max_seq_len
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the end-of-document id)")
+        if len(p) > max_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, more than the model's max_seq_len={max_len}: "
+                f"shorten it (keep its last {max_len} tokens at most)"
+            )
+    outputs: list[list[int]] = [[] for _ in prompts]
+    if not prompts or max_new_tokens == 0:
+        return outputs
+    model.eval()
+    device = model.embed.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    padded = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p, device=device)
+
+    decoder = CachedDecoder(model, len(prompts), min(max_len, longest + max_new_tokens))
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    stop = set(int(t) for t in stop_tokens)
+    active = [True] * len(prompts)
+    logits = decoder.prefill(padded, lengths)
+    clipped = False
+    while True:
+        chosen = sample_next(logits, temperature, top_k, top_p, generator)
+        for i, t in enumerate(chosen.tolist()):
+            if not active[i]:
+                continue
+            if t in stop:
+                active[i] = False
+                continue
+            outputs[i].append(t)
+            lengths[i] += 1
+            if len(outputs[i]) == max_new_tokens:
+                active[i] = False
+            elif int(lengths[i]) == max_len:
+                active[i], clipped = False, True
+        if not any(active):
+            break
+        # every row feeds its last token; finished rows rewrite a slot they no longer read
+        logits = decoder.step(chosen, lengths - 1)
+    if clipped:
+        warnings.warn(f"generation stopped at max_seq_len={max_len} tokens (prompt + generated) for some prompts")
+    return outputs
+
+
+# ---- loading a model and its tokenizer ------------------------------------------------------------
+TOKENIZER_FILE = "tokenizer_config.json"  # written by halo-export: {"tokenizer": name or file, "eod_id": ...}
+
+
+def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> HaloSModel:
+    """An exported directory (config.json + model*.safetensors) or a training run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return HaloSModel.from_pretrained(path, device=device)
+    from .export import load_run_model
+
+    return load_run_model(path, step=step).to(device)
+
+
+def tokenizer_name(model_dir: str | Path, tokenizer: str | None = None, data: str | Path | None = None) -> str:
+    """The tokenizer to use: --tokenizer, else the exported directory's record, else the data manifest."""
+    if tokenizer:
+        return tokenizer
+    model_dir = Path(model_dir)
+    record = model_dir / TOKENIZER_FILE
+    if record.is_file():
+        name = json.loads(record.read_text())["tokenizer"]
+        local = model_dir / name
+        return str(local) if local.is_file() else name
+    if data is None:
+        from .export import run_data_dir
+
+        data = run_data_dir(model_dir)
+    if data is not None:
+        from .data import load_manifest
+
+        return load_manifest(data).tokenizer
+    raise ValueError(
+        f"{model_dir}: no {TOKENIZER_FILE} and no data directory to read the tokenizer from; "
+        "pass --tokenizer NAME_OR_FILE or --data PREPARED_DIR"
+    )
+
+
+def load_tokenizer(model_dir, tokenizer: str | None = None, data=None):
+    from .data import get_tokenizer
+
+    return get_tokenizer(tokenizer_name(model_dir, tokenizer, data))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="halo-generate", description="Generate text from an exported model or a run directory.")
+    p.add_argument("model", help="exported directory (halo-export) or training run directory")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (one token) or token id; "
+                   "the end-of-document token always stops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step when MODEL is a run directory")
+    p.add_argument("--tokenizer", default=None, help="override the recorded tokenizer")
+    p.add_argument("--data", default=None, help="prepared data directory whose manifest names the tokenizer")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return p.parse_args(argv)
+
+
+def stop_ids(tokenizer, stops: list[str]) -> list[int]:
+    ids = [tokenizer.eod_id]
+    for s in stops:
+        if s.isdigit():
+            ids.append(int(s))
+            continue
+        encoded = tokenizer.encode(s)
+        if len(encoded) != 1:
+            raise ValueError(f"--stop {s!r} is {len(encoded)} tokens; give a single-token text or a token id")
+        ids.append(encoded[0])
+    return ids
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("halo-generate: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    model = load_model(args.model, step=args.step, device=args.device)
+    tokenizer = load_tokenizer(args.model, args.tokenizer, args.data)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    try:
+        outputs = generate(model, encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                           stop_ids(tokenizer, args.stop), seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"halo-generate: {e}") from None
+    for prompt, out in zip(prompts, outputs):
+        text = tokenizer.decode(out)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text, "tokens": out}))
+        else:
+            print(prompt + text)
+            print("-" * 40)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
