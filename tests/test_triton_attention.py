@@ -1,0 +1,243 @@
+"""The Triton backend against the float64 dense-mask reference, on CPU under TRITON_INTERPRET=1.
+
+Small sizes with 16-wide tiles, so short sequences still span several query and key tiles. The same
+kernels run at large N on the GPU through benchmarks/gpu_check_attention.py.
+"""
+
+import importlib
+import os
+import sys
+import zlib
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated: triton reads it at @triton.jit
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from halo_pretrain.attention import halo_attention, resolve_backend  # noqa: E402
+from halo_pretrain.attention.reference import reference_attention  # noqa: E402
+from halo_pretrain.config import HaloConfig  # noqa: E402
+
+
+def _load_kernel_module():
+    """The kernel module with interpreted kernels, even if another test imported it without the variable."""
+    name = "halo_pretrain.attention.triton_kernel"
+    if name in sys.modules:
+        for sub in ("triton_common", "triton_fwd", "triton_bwd", "triton_kernel"):
+            importlib.reload(importlib.import_module(f"halo_pretrain.attention.{sub}"))
+    return importlib.import_module(name)
+
+
+tk = _load_kernel_module()
+LAYER = 3
+
+
+def make_config(h=2, kv=1, d=16, g=3, w=8, offsets=(3, 8, 20, 45), r=2, seed=11, max_seq_len=256):
+    return HaloConfig(hidden_size=h * d, num_heads=h, num_kv_heads=kv, num_globals=g, local_window=w,
+                      dilated_offsets=None if offsets is None else list(offsets), num_random=r,
+                      max_seq_len=max_seq_len, seed=seed)
+
+
+def make_inputs(config, n, b=1, seed=0):
+    """Fresh random float64 leaves (q, k, v, global_k, global_v) and an upstream gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    h, kv, d, g = config.num_heads, config.num_kv_heads, config.head_dim, config.num_globals
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+
+    leaves = (rand(b, h, n, d, scale=1.5), rand(b, kv, n, d), rand(b, kv, n, d), rand(kv, g, d), rand(kv, g, d))
+    return leaves, torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
+
+
+def rel_err(got, want):
+    want = want.double()
+    denom = want.norm().clamp_min(1e-30)
+    return ((got.double() - want).norm() / denom).item()
+
+
+def run_triton(leaves, dout, config, dtype):
+    xs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    out = tk.triton_attention(*xs, config, LAYER)
+    grads = torch.autograd.grad(out, xs, dout.to(dtype))
+    return out, grads
+
+
+def check_against_reference(config, n, dtype, b=1, seed=0, tol=None):
+    tol = tol or {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}[dtype]
+    leaves, dout = make_inputs(config, n, b=b, seed=seed)
+    # the reference sees the same rounded inputs as the kernel, in float64
+    rounded = [t.detach().to(dtype).double().requires_grad_() for t in leaves]
+    ref = reference_attention(*rounded, config, LAYER)
+    ref_grads = torch.autograd.grad(ref, rounded, dout.to(dtype).double())
+    out, grads = run_triton(leaves, dout, config, dtype)
+    assert out.dtype == dtype and out.shape == ref.shape
+    errors = {"out": rel_err(out, ref)}
+    for name, got, want in zip(("dq", "dk", "dv", "dglobal_k", "dglobal_v"), grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == dtype
+        if want.numel():
+            errors[name] = rel_err(got, want)
+    assert all(e <= tol for e in errors.values()), f"relative errors over {tol}: {errors}"
+    return errors
+
+
+FP32_CASES = {
+    # name: (config kwargs, n, batch)
+    "gqa2_globals_random": (dict(), 77, 1),
+    "mha_no_globals_no_random_auto_offsets": (dict(h=2, kv=2, d=32, g=0, w=5, offsets=None, r=0, max_seq_len=64), 45, 2),
+    "gqa4_window_wider_than_tiles": (dict(h=4, kv=1, g=1, w=40, offsets=(7, 80, 100), r=3), 130, 1),
+    "many_random_slots_dedup": (dict(h=1, kv=1, g=2, w=4, offsets=(1, 2, 4, 6, 9, 12, 17), r=6), 61, 1),
+    "window_of_one": (dict(h=2, kv=2, g=1, w=1, offsets=(1, 2, 5), r=2), 37, 1),
+    "shorter_than_window": (dict(h=2, kv=1, g=2, w=32, offsets=(40,), r=2), 19, 1),
+    "single_token": (dict(h=2, kv=1, g=2, w=8, r=2), 1, 2),
+    "head_dim_24_padded": (dict(h=2, kv=1, d=24, g=2, w=6, offsets=(6, 13), r=2), 50, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(FP32_CASES))
+def test_fp32_matches_reference(case):
+    kwargs, n, b = FP32_CASES[case]
+    check_against_reference(make_config(**kwargs), n, torch.float32, b=b, seed=zlib.crc32(case.encode()) % 1000)
+
+
+@pytest.mark.parametrize("dtype,d,n,kv", [(torch.bfloat16, 64, 70, 1), (torch.bfloat16, 128, 40, 2),
+                                          (torch.float16, 32, 90, 1)])
+def test_half_precision_matches_reference(dtype, d, n, kv):
+    config = make_config(h=2, kv=kv, d=d, g=2, w=8, offsets=(4, 9, 30), r=2)
+    check_against_reference(config, n, dtype, seed=d + n)
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
+def test_unequal_query_and_key_tiles(monkeypatch, tiles):
+    block_m, block_n = tiles
+    for kernel in ("fwd", "dq", "dkv"):
+        monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), (block_m, block_n, 1, 1))
+    check_against_reference(make_config(w=20, offsets=(5, 21, 50), r=2), 83, torch.float32, seed=7)
+
+
+def test_strided_inputs_from_sequence_major_layout():
+    """q, k, v as [B, N, H, D] tensors viewed as [B, H, N, D] (what a fused QKV projection gives)."""
+    config = make_config(h=2, kv=1, g=2)
+    leaves, dout = make_inputs(config, 52, b=2, seed=5)
+    ref = reference_attention(*leaves, config, LAYER)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    seq_major = [t.detach().float().transpose(1, 2).contiguous().requires_grad_() for t in leaves[:3]]
+    globals_ = [t.detach().float().requires_grad_() for t in leaves[3:]]
+    views = [t.transpose(1, 2) for t in seq_major]
+    assert not views[0].is_contiguous()
+    out = tk.triton_attention(*views, *globals_, config, LAYER)
+    grads = torch.autograd.grad(out, seq_major + globals_, dout.float())
+    assert rel_err(out, ref) <= 1e-5
+    for got, want in zip(grads[:3], ref_grads[:3]):
+        assert rel_err(got.transpose(1, 2), want) <= 1e-5
+    for got, want in zip(grads[3:], ref_grads[3:]):
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_two_runs_are_bit_identical():
+    config = make_config(h=4, kv=2, g=2, w=8, offsets=(3, 10, 25), r=2)
+    leaves, dout = make_inputs(config, 66, seed=3)
+    out1, grads1 = run_triton(leaves, dout, config, torch.float32)
+    out2, grads2 = run_triton(leaves, dout, config, torch.float32)
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+def test_prefix_consistent():
+    """The output at q never depends on N: a prefix run reproduces the full run's first rows."""
+    config = make_config(h=2, kv=1, g=2, w=6, offsets=(2, 7, 19), r=2)
+    leaves, _ = make_inputs(config, 64, seed=9)
+    x = [t.detach().float() for t in leaves]
+    full = tk.triton_attention(*x, config, LAYER)
+    m = 37
+    prefix = tk.triton_attention(x[0][:, :, :m], x[1][:, :, :m], x[2][:, :, :m], x[3], x[4], config, LAYER)
+    torch.testing.assert_close(prefix, full[:, :, :m], rtol=1e-6, atol=1e-6)
+
+
+def test_layers_draw_different_random_edges():
+    config = make_config(h=1, kv=1, g=0, w=4, offsets=(), r=2)
+    leaves, _ = make_inputs(config, 60, seed=4)
+    x = [t.detach().float() for t in leaves]
+    out3 = tk.triton_attention(*x, config, 3)
+    out4 = tk.triton_attention(*x, config, 4)
+    torch.testing.assert_close(out4, reference_attention(*x, config, 4), rtol=1e-5, atol=1e-5)
+    assert (out3 - out4).abs().max() > 1e-3
+
+
+def test_random_inverse_lists_each_random_edge_once():
+    from halo_pretrain.attention.neighbors import neighbor_index
+
+    config = make_config(w=4, offsets=(1, 2, 4, 6, 9), r=5)
+    n, key = 90, tk.layer_key(config.seed, LAYER)
+    start, queries = tk.random_inverse(n, config.local_window, tuple(config.offsets), config.num_random, key,
+                                       torch.device("cpu"))
+    index, valid = neighbor_index(n, config, LAYER)
+    random_cols = slice(index.shape[1] - config.num_random, None)
+    want = sorted((int(t), int(q)) for q, row in enumerate(index[:, random_cols].tolist())
+                  for t, ok in zip(row, valid[q, random_cols].tolist()) if ok)
+    got = sorted((t, int(q)) for t in range(n) for q in queries[start[t]:start[t + 1]].tolist())
+    assert got == want and len(want) > n  # many edges, each once
+
+
+def test_dispatch_selects_triton_under_the_interpreter():
+    config = make_config(h=2, kv=1, g=1)
+    config.attention = "triton"
+    leaves, _ = make_inputs(config, 33, seed=2)
+    x = [t.detach().float() for t in leaves]
+    assert resolve_backend("triton", "cpu") == "triton"
+    out = halo_attention(*x, config, LAYER)
+    torch.testing.assert_close(out, reference_attention(*x, config, LAYER), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_traces_the_custom_op():
+    config = make_config(h=2, kv=1, g=2)
+    leaves, dout = make_inputs(config, 40, seed=6)
+
+    def f(q, k, v, gk, gv):
+        return tk.triton_attention(q * 1.0, k, v, gk, gv, config, LAYER) * 2.0
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    xs = [t.detach().float().requires_grad_() for t in leaves]
+    eager_out = f(*xs)
+    eager_grads = torch.autograd.grad(eager_out, xs, dout.float())
+    out = compiled(*xs)
+    grads = torch.autograd.grad(out, xs, dout.float())
+    assert torch.equal(out, eager_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
+
+
+def test_activation_checkpointing_recomputes_identically():
+    from torch.utils.checkpoint import checkpoint
+
+    config = make_config(h=2, kv=1, g=2)
+    leaves, dout = make_inputs(config, 45, seed=8)
+    xs = [t.detach().float().requires_grad_() for t in leaves]
+
+    def f(*args):
+        return tk.triton_attention(*args, config, LAYER)
+
+    plain = torch.autograd.grad(f(*xs), xs, dout.float())
+    out = checkpoint(f, *xs, use_reentrant=False)
+    recomputed = torch.autograd.grad(out, xs, dout.float())
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+
+
+def test_bad_inputs_raise_value_errors(monkeypatch):
+    config = make_config(h=2, kv=1, d=16, g=1)
+    q, k, v, gk, gv = [t.detach().float() for t in make_inputs(config, 20)[0]]
+    with pytest.raises(ValueError, match="head_dim=160"):
+        big = torch.randn(1, 2, 20, 160)
+        tk.triton_attention(big, big[:, :1], big[:, :1], torch.randn(1, 1, 160), torch.randn(1, 1, 160),
+                            config, LAYER)
+    with pytest.raises(ValueError, match="dtype=torch.float64"):
+        tk.triton_attention(q.double(), k.double(), v.double(), gk, gv, config, LAYER)
+    with pytest.raises(ValueError, match="k.dtype"):
+        tk.triton_attention(q, k.half(), v, gk, gv, config, LAYER)
+    with pytest.raises(ValueError, match="num_heads=2 must be a multiple of num_kv_heads=3"):
+        tk.triton_attention(q, k.expand(1, 3, 20, 16), v.expand(1, 3, 20, 16), gk.expand(3, 1, 16),
+                            gv.expand(3, 1, 16), config, LAYER)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="device=cpu"):
+        tk.triton_attention(q, k, v, gk, gv, config, LAYER)
