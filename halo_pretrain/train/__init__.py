@@ -1,0 +1,1 @@
+"""halo-train: DeepSpeed pretraining with exact resume. See docs/training.md."""

@@ -1,0 +1,201 @@
+"""The training loop: data by consumed_samples, DeepSpeed steps, evaluation, checkpoints, stop requests."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data.loader import TrainLoader, open_stream
+from ..model import HaloSModel
+from . import distributed
+from .checkpoint import Checkpointer, TrainerState, seed_all
+from .engine import BatchPlan, batch_plan, build_engine
+from .metrics import MetricsLogger, memory_gb, peak_flops, truncate_metrics
+from .run_config import ConfigError, RunConfig
+from .schedule import learning_rate
+from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopRequest
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, info: distributed.RankInfo):
+        self.cfg, self.info = cfg, info
+        self.plan: BatchPlan = batch_plan(cfg, info.world_size)  # before anything starts
+        self.halo = cfg.halo_config()
+        sources = cfg.data.sources()
+        try:
+            self.train_stream = open_stream(sources, "train", cfg.train.seq_len, cfg.seed, shuffle=True,
+                                            model_vocab_size=self.halo.vocab_size)
+            self.val_stream = open_stream(sources, "validation", cfg.train.seq_len, cfg.seed, shuffle=False)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data: {e}") from e
+        self.run_dir = Path(cfg.run.dir)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        distributed.init(info, self.device.type)
+
+        seed_all(cfg.seed)
+        model = HaloSModel(self.halo)
+        self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
+        self.num_parameters = model.num_parameters()
+        self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan)
+        self.loader = TrainLoader(self.train_stream, self.plan.micro_batch_size, info.rank, info.world_size)
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir(), info.rank, info.world_size, cfg.checkpoint.keep_last,
+                                         say=self.say)
+        self.peak = peak_flops(cfg.train.peak_tflops)
+
+    def say(self, message: str) -> None:
+        if self.info.is_main:
+            print(f"[halo-train] {message}", flush=True)
+
+    # ---- one optimizer step ----------------------------------------------------------------------
+    def train_step(self, state: TrainerState, stop: StopRequest) -> tuple[float, bool, bool, float | None]:
+        """(mean loss over the global batch, non-finite anywhere, stop requested anywhere, grad norm)."""
+        ga = self.plan.grad_accum
+        local = torch.zeros(3, dtype=torch.float64)  # loss sum, non-finite, stop requested
+        inject = (state.step + 1) in self.cfg.debug.inject_nonfinite_steps and self.info.rank == 0
+        self.engine.train()
+        for micro_step in range(ga):
+            inputs, labels = self.loader.micro_batch(state.consumed_samples, micro_step)
+            _, loss = self.engine(inputs.to(self.device), labels=labels.to(self.device))
+            if inject and micro_step == 0:
+                loss = loss * float("nan")
+            value = loss.detach().double().cpu()
+            local[0] += value
+            local[1] = max(float(local[1]), float(not torch.isfinite(value)))
+            self.engine.backward(loss)
+            if micro_step == ga - 1:
+                local[2] = float(stop.requested)
+                self._all_reduce(local)
+                self.optimizer.skip_next = bool(local[1] > 0)
+                norm = self._plain_grad_norm()
+            self.engine.step()
+        self.optimizer.skip_next = False
+        if norm is None and self.engine.get_global_grad_norm() is not None:
+            norm = float(self.engine.get_global_grad_norm())
+        return float(local[0]) / (ga * self.info.world_size), bool(local[1] > 0), bool(local[2] > 0), norm
+
+    def _plain_grad_norm(self) -> float | None:
+        """The global gradient norm before clipping where DeepSpeed reports none (ZeRO-0 in fp32, whose
+        gradients are whole and already averaged over ranks after the last backward)."""
+        if self.engine.zero_optimization_stage() != 0 or self.cfg.train.precision != "fp32":
+            return None
+        grads = [p.grad.double().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).sum().sqrt()) if grads else None
+
+    def _all_reduce(self, local: torch.Tensor) -> None:
+        """Sum a small CPU tensor over ranks in place (through the device for nccl)."""
+        on_device = local.to(self.device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        local.copy_(on_device.cpu())
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float] | None:
+        """(validation loss, perplexity) over the first eval.samples validation samples, or None."""
+        per_round = self.plan.micro_batch_size * self.info.world_size
+        rounds = self.cfg.eval.samples // per_round
+        if self.val_stream is None or rounds == 0:
+            return None
+        mb, rank = self.plan.micro_batch_size, self.info.rank
+        self.engine.eval()
+        total = torch.zeros(1, dtype=torch.float64)
+        for k in range(rounds):
+            start = k * per_round + rank * mb
+            tokens = torch.from_numpy(self.val_stream.samples(start, mb)).to(self.device)
+            _, loss = self.engine(tokens[:, :-1], labels=tokens[:, 1:])
+            total += loss.double().cpu()
+        self._all_reduce(total)
+        self.engine.train()
+        val_loss = float(total) / (rounds * self.info.world_size)
+        return val_loss, math.exp(min(val_loss, 700.0))
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, plan = self.cfg, self.plan
+        state = self.checkpointer.resume(self.engine, self.halo) if cfg.checkpoint.resume else None
+        if state is None:
+            state = TrainerState()
+            self.say(f"starting a new run in {self.run_dir}")
+        else:
+            self.say(f"resumed from step {state.step} (consumed_samples {state.consumed_samples})")
+        state.world_size, state.zero_stage = self.info.world_size, cfg.deepspeed.zero_stage
+        state.model, state.run_config = self.halo.to_dict(), cfg.model_dump(mode="json")
+        if self.info.is_main:
+            truncate_metrics(self.run_dir, state.step)
+            self.say(f"model {self.num_parameters / 1e6:.2f}M parameters; global batch {plan.global_batch_size} = "
+                     f"micro {plan.micro_batch_size} x accum {plan.grad_accum} x world {plan.world_size}; "
+                     f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, {self.device.type}")
+        dist.barrier()
+        logger = MetricsLogger(self.run_dir, self.info.is_main, cfg, cfg.train.steps, state.step)
+        stop = StopRequest().install()
+        try:
+            return self._loop(state, logger, stop)
+        finally:
+            stop.uninstall()
+            logger.close()
+
+    def _loop(self, state: TrainerState, logger: MetricsLogger, stop: StopRequest) -> int:
+        cfg, plan = self.cfg, self.plan
+        o = cfg.optim
+        tokens_per_step = plan.global_batch_size * cfg.train.seq_len
+        saved_step = state.step
+        while state.step < cfg.train.steps:
+            lr = learning_rate(state.step, lr=o.lr, min_lr=o.min_lr, total_steps=cfg.train.steps,
+                               warmup_steps=o.warmup_steps, schedule=o.schedule, decay_fraction=o.decay_fraction)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss, nonfinite, stop_requested, grad_norm = self.train_step(state, stop)
+            seconds = time.perf_counter() - t0
+            state.step += 1
+            state.consumed_samples += plan.global_batch_size
+            state.tokens += tokens_per_step
+            state.nonfinite_steps += nonfinite
+            tokens_per_s = tokens_per_step / seconds
+            record = {
+                "step": state.step, "loss": None if nonfinite else loss, "lr": lr,
+                "consumed_samples": state.consumed_samples, "tokens": state.tokens,
+                "grad_norm": None if nonfinite else grad_norm, "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token * tokens_per_s / (self.peak * plan.world_size) if self.peak else None,
+                "mem_gb": memory_gb(), "step_time": seconds,
+            }
+            if nonfinite:
+                record["skipped"] = True
+                logger.write(f"step {state.step}: non-finite loss, update skipped "
+                             f"({state.nonfinite_steps} so far, limit {cfg.train.max_nonfinite_steps})")
+            last = state.step == cfg.train.steps
+            if (cfg.eval.interval and state.step % cfg.eval.interval == 0) or last:
+                evaluated = self.evaluate()
+                if evaluated is not None:
+                    record["val_loss"], record["val_ppl"] = evaluated
+            logger.log(record)
+            if state.nonfinite_steps > cfg.train.max_nonfinite_steps:
+                logger.write(f"stopping: {state.nonfinite_steps} steps had a non-finite loss (limit "
+                             f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last checkpoint "
+                             f"(step {saved_step}) is intact; lower optim.lr or check the data")
+                return EXIT_NONFINITE
+            if state.step % cfg.checkpoint.interval == 0 or last or stop_requested:
+                self.checkpointer.save(self.engine, state, kill_at_step=cfg.debug.kill_during_save_step)
+                saved_step = state.step
+            if stop_requested and not last:
+                logger.write(f"stop requested ({stop.signal_name or 'on another rank'}): checkpoint of step "
+                             f"{state.step} saved; rerun the same command to resume (exit {EXIT_PREEMPTED})")
+                return EXIT_PREEMPTED
+        return EXIT_OK
+
+
+def run_training(cfg: RunConfig, info: distributed.RankInfo) -> int:
+    trainer = Trainer(cfg, info)
+    code = trainer.run()
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
