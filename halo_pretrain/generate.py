@@ -201,7 +201,6 @@ def generate(model: HaloSModel, prompts: Sequence[Sequence[int]], max_new_tokens
 
 
 # ---- loading a model and its tokenizer ------------------------------------------------------------
-TOKENIZER_FILE = "tokenizer_config.json"  # written by halo-export: {"tokenizer": name or file, "eod_id": ...}
 
 
 def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> HaloSModel:
@@ -218,6 +217,8 @@ def tokenizer_name(model_dir: str | Path, tokenizer: str | None = None, data: st
     """The tokenizer to use: --tokenizer, else the exported directory's record, else the data manifest."""
     if tokenizer:
         return tokenizer
+    from .export import TOKENIZER_FILE, run_data_dir
+
     model_dir = Path(model_dir)
     record = model_dir / TOKENIZER_FILE
     if record.is_file():
@@ -225,11 +226,9 @@ def tokenizer_name(model_dir: str | Path, tokenizer: str | None = None, data: st
         local = model_dir / name
         return str(local) if local.is_file() else name
     if data is None:
-        from .export import run_data_dir
-
         data = run_data_dir(model_dir)
     if data is not None:
-        from .data import load_manifest
+        from .data.manifest import load_manifest
 
         return load_manifest(data).tokenizer
     raise ValueError(
@@ -239,7 +238,7 @@ def tokenizer_name(model_dir: str | Path, tokenizer: str | None = None, data: st
 
 
 def load_tokenizer(model_dir, tokenizer: str | None = None, data=None):
-    from .data import get_tokenizer
+    from .data.tokenizer import get_tokenizer
 
     return get_tokenizer(tokenizer_name(model_dir, tokenizer, data))
 
