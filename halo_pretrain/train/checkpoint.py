@@ -227,9 +227,48 @@ class Checkpointer:
                 kept += 1
                 continue
             shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(self.dir / "universal", ignore_errors=True)  # conversions for a resume, no longer needed
 
-    def resume(self, engine, model_config: HaloConfig) -> TrainerState | None:
-        """Load the newest usable checkpoint (collective); None when there is none to load."""
+    def reshard_from(self, zero_stage: int, precision: str) -> TrainerState | None:
+        """The state of the checkpoint to resume when it was written with another world size or ZeRO stage
+        and its optimizer state is partitioned (it then loads through DeepSpeed's universal format)."""
+        for tag_dir in candidates(self.dir):
+            if incomplete_reason(tag_dir) is None:
+                try:
+                    state = read_trainer_state(tag_dir)
+                except (OSError, ValueError, TypeError):
+                    continue
+                plain = state.zero_stage == zero_stage == 0 and precision == "fp32"
+                changed = state.world_size != self.world_size or state.zero_stage != zero_stage
+                return state if changed and not plain else None
+        return None
+
+    def _to_universal(self, tag_dir: Path) -> Path:
+        """Convert a checkpoint to DeepSpeed's universal format once (rank 0), under <dir>/universal/."""
+        import subprocess
+        import sys
+
+        out = self.dir / "universal" / tag_dir.name
+        if self.rank == 0 and not (out / COMPLETE).is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            self.say(f"{tag_dir.name} was written with another world size or ZeRO stage: converting it to "
+                     f"DeepSpeed's universal format in {out}")
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   str(tag_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                                   "--num_merge_workers", "1", "--inject_missing_state"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+            (tmp / COMPLETE).write_text("{}")
+            os.replace(tmp, out)
+        self._barrier()
+        return out
+
+    def resume(self, engine, model_config: HaloConfig, universal: bool = False) -> TrainerState | None:
+        """Load the newest usable checkpoint (collective); None when there is none to load.
+        universal: the engine was built with checkpoint.load_universal (see reshard_from)."""
         import torch.distributed as dist
 
         tried = []
@@ -249,7 +288,8 @@ class Checkpointer:
             check_same_shape(tag_dir, state.model, model_config)
             error = None
             try:
-                path, _ = engine.load_checkpoint(str(self.dir), tag=tag_dir.name, load_optimizer_states=True,
+                load_dir = self._to_universal(tag_dir).parent if universal else self.dir
+                path, _ = engine.load_checkpoint(str(load_dir), tag=tag_dir.name, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
                 if path is None:
                     error = "DeepSpeed found no loadable files"

@@ -110,11 +110,14 @@ def set_activation_checkpointing(model, every_k: int) -> None:
     model.block_runner = run_block
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan):
-    """(engine, our optimizer) from deepspeed.initialize; the distributed group must already exist."""
+def build_engine(cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, universal: bool = False):
+    """(engine, our optimizer, DeepSpeed config) from deepspeed.initialize; the process group must exist.
+    universal: the checkpoint to resume is loaded through DeepSpeed's universal format (resharding)."""
     import deepspeed
 
     ds_config = build_ds_config(cfg, plan)
+    if universal:
+        ds_config = _merge(ds_config, {"checkpoint": {"load_universal": True}})
     if cfg.train.activation_checkpointing:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)

@@ -46,10 +46,16 @@ class Trainer:
         model = HaloSModel(self.halo)
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
         self.num_parameters = model.num_parameters()
-        self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan)
-        self.loader = TrainLoader(self.train_stream, self.plan.micro_batch_size, info.rank, info.world_size)
         self.checkpointer = Checkpointer(cfg.checkpoint_dir(), info.rank, info.world_size, cfg.checkpoint.keep_last,
                                          say=self.say)
+        previous = self.checkpointer.reshard_from(cfg.deepspeed.zero_stage, cfg.train.precision) \
+            if cfg.checkpoint.resume else None
+        self.universal = previous is not None
+        if self.universal:
+            self.say(f"resuming a checkpoint of world size {previous.world_size}, ZeRO-{previous.zero_stage} on world "
+                     f"size {info.world_size}, ZeRO-{cfg.deepspeed.zero_stage}: its partitioned state is resharded")
+        self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan, universal=self.universal)
+        self.loader = TrainLoader(self.train_stream, self.plan.micro_batch_size, info.rank, info.world_size)
         self.peak = peak_flops(cfg.train.peak_tflops)
 
     def say(self, message: str) -> None:
@@ -121,7 +127,7 @@ class Trainer:
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> int:
         cfg, plan = self.cfg, self.plan
-        state = self.checkpointer.resume(self.engine, self.halo) if cfg.checkpoint.resume else None
+        state = self.checkpointer.resume(self.engine, self.halo, self.universal) if cfg.checkpoint.resume else None
         if state is None:
             state = TrainerState()
             self.say(f"starting a new run in {self.run_dir}")
