@@ -87,7 +87,7 @@ FP32_CASES = {
     # name: (config kwargs, n, batch)
     "gqa2_globals_random": (dict(), 77, 1),
     "mha_no_globals_no_random_auto_offsets": (dict(h=2, kv=2, d=32, g=0, w=5, offsets=None, r=0, max_seq_len=64), 45, 2),
-    "gqa4_window_wider_than_tiles": (dict(h=4, kv=1, g=1, w=40, offsets=(7, 80, 100), r=3), 130, 1),
+    "gqa4_window_wider_than_tiles": (dict(h=4, kv=1, g=1, w=34, offsets=(7, 80, 100), r=3), 130, 1),
     "many_random_slots_dedup": (dict(h=1, kv=1, g=2, w=4, offsets=(1, 2, 4, 6, 9, 12, 17), r=6), 61, 1),
     "window_of_one": (dict(h=2, kv=2, g=1, w=1, offsets=(1, 2, 5), r=2), 37, 1),
     "shorter_than_window": (dict(h=2, kv=1, g=2, w=32, offsets=(40,), r=2), 19, 1),
@@ -114,7 +114,7 @@ def test_unequal_query_and_key_tiles(monkeypatch, tiles):
     block_m, block_n = tiles
     for kernel in ("fwd", "dq", "dkv"):
         monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), (block_m, block_n, 1, 1))
-    check_against_reference(make_config(w=20, offsets=(5, 21, 50), r=2), 83, torch.float32, seed=7)
+    check_against_reference(make_config(w=18, offsets=(5, 21, 50), r=2), 83, torch.float32, seed=7)
 
 
 def test_strided_inputs_from_sequence_major_layout():
@@ -137,8 +137,8 @@ def test_strided_inputs_from_sequence_major_layout():
 
 
 def test_two_runs_are_bit_identical():
-    config = make_config(h=4, kv=2, g=2, w=8, offsets=(3, 10, 25), r=2)
-    leaves, dout = make_inputs(config, 66, seed=3)
+    config = make_config(h=2, kv=1, g=2, w=8, offsets=(3, 10, 25), r=2)
+    leaves, dout = make_inputs(config, 50, seed=3)
     out1, grads1 = run_triton(leaves, dout, config, torch.float32)
     out2, grads2 = run_triton(leaves, dout, config, torch.float32)
     assert torch.equal(out1, out2)
