@@ -206,8 +206,9 @@ class _Where:
         walk(yaml.compose(text), "")
 
     def of(self, dotted: str) -> str:
-        if dotted in self.overrides:
-            return f"command-line override '{self.overrides[dotted]}'"
+        for key, override in reversed(self.overrides.items()):
+            if key == dotted or key.startswith(dotted + "."):
+                return f"command-line override '{override}'"
         for key in _prefixes(dotted):
             if key in self.lines:
                 return f"{self.path}:{self.lines[key]}"
