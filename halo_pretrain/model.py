@@ -210,7 +210,14 @@ class HaloSModel(nn.Module):
         config = HaloConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
         if config_overrides:
             config = config.replace(**config_overrides)
-        weights = sorted(directory.glob("model*.safetensors"))
+        index_path = directory / "model.safetensors.index.json"
+        if index_path.is_file():  # sharded: exactly the files the index names
+            weights = [directory / f for f in sorted(set(json.loads(index_path.read_text())["weight_map"].values()))]
+            absent = [f.name for f in weights if not f.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{index_path} names shards that are missing: {absent}; copy them too")
+        else:
+            weights = sorted(directory.glob("model*.safetensors"))
         if not weights:
             raise FileNotFoundError(f"{directory} has no model.safetensors (or model-*.safetensors shards)")
         model = cls(config)
