@@ -283,13 +283,13 @@ def main(argv=None) -> int:
         prompts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("halo-generate: give --prompt TEXT (repeatable) or --prompt-file FILE")
-    model = load_model(args.model, step=args.step, device=args.device)
-    tokenizer = load_tokenizer(args.model, args.tokenizer, args.data)
-    encoded = [tokenizer.encode(p) for p in prompts]
     try:
+        model = load_model(args.model, step=args.step, device=args.device)
+        tokenizer = load_tokenizer(args.model, args.tokenizer, args.data)
+        encoded = [tokenizer.encode(p) for p in prompts]
         outputs = generate(model, encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                            stop_ids(tokenizer, args.stop), seed=args.seed)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"halo-generate: {e}") from None
     for prompt, out in zip(prompts, outputs):
         text = tokenizer.decode(out)

@@ -1,10 +1,13 @@
 """Cached generation computes the model's own function: logits and greedy tokens equal full forward passes."""
 
+import json
+
 import pytest
 import torch
 
 from halo_pretrain.config import HaloConfig
 from halo_pretrain.generate import CachedDecoder, generate, sample_next
+from halo_pretrain.generate import main as generate_main
 from halo_pretrain.model import HaloSModel
 
 # W=6 and max_seq_len=160: dilated offsets 12, 24, 48, 96 and random keys all matter past position 6
@@ -129,3 +132,39 @@ def test_a_prompt_longer_than_max_seq_len_is_a_clear_error():
     model = make_model()
     with pytest.raises(ValueError, match=r"prompt 1 has 161 tokens.*max_seq_len=160"):
         generate(model, [[1, 2], random_prompt(161, seed=0)], max_new_tokens=2)
+
+
+# ---- halo-generate ---------------------------------------------------------------------------------
+def exported(tmp_path, tokenizer_record=True):
+    torch.manual_seed(0)
+    model = HaloSModel(HaloConfig(**{**SMALL, "vocab_size": 320, "max_seq_len": 256}))
+    model.save_pretrained(tmp_path)
+    if tokenizer_record:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer": "byte"}))
+    return HaloSModel.from_pretrained(tmp_path)
+
+
+def test_halo_generate_decodes_a_batch_with_the_recorded_tokenizer(tmp_path, capsys):
+    model = exported(tmp_path / "m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nThe end\n")
+    assert generate_main([str(tmp_path / "m"), "--prompt", "def f(x):", "--prompt-file", str(prompts),
+                          "--max-new-tokens", "20", "--temperature", "0", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["prompt"] for x in lines] == ["def f(x):", "Once upon a time", "The end"]
+    expected = generate(model, [list(p.encode()) for p in ("def f(x):", "Once upon a time", "The end")], 20,
+                        temperature=0, stop_tokens=[256])
+    for line, tokens in zip(lines, expected):
+        assert line["tokens"] == tokens
+        assert line["completion"] == bytes(t for t in tokens if t < 256).decode("utf-8", "replace")
+
+
+def test_halo_generate_errors_name_what_to_do(tmp_path):
+    exported(tmp_path / "m")
+    with pytest.raises(SystemExit, match=r"prompt 0 has 300 tokens, more than the model's max_seq_len=256"):
+        generate_main([str(tmp_path / "m"), "--prompt", "x" * 300])
+    with pytest.raises(SystemExit, match=r"--stop 'ab' is 2 tokens"):
+        generate_main([str(tmp_path / "m"), "--prompt", "hi", "--stop", "ab"])
+    exported(tmp_path / "bare", tokenizer_record=False)
+    with pytest.raises(SystemExit, match=r"no tokenizer_config.json .*pass --tokenizer"):
+        generate_main([str(tmp_path / "bare"), "--prompt", "hi"])
