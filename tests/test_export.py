@@ -20,7 +20,7 @@ X = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
 def runs(tmp_path_factory):
     """Two 6-step runs from one seed, ZeRO-0 and ZeRO-3, checkpoints at steps 3 and 6."""
     base = tmp_path_factory.mktemp("export")
-    data = make_prepared_dir(base / "data", stdlib_sources(150_000), stdlib_sources(20_000, skip=200))
+    data = make_prepared_dir(base / "data", stdlib_sources(150_000), stdlib_sources(20_000, skip=150))
     out = {}
     for stage in (0, 3):
         cfg = tiny_config(base / f"zero{stage}", data, deepspeed={"zero_stage": stage}, train={"steps": 6})

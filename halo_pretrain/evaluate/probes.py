@@ -172,15 +172,15 @@ def is_correct(example: ProbeExample, generated: Sequence[int]) -> bool:
 
 
 def run_suite(examples: list[ProbeExample], generate_fn, batch_size: int = 8) -> list[list[int]]:
-    """generate_fn(prompts, max_new_tokens) -> new tokens per prompt; examples batched by length."""
+    """generate_fn(prompts, max_new_tokens) -> new tokens per prompt; a batch shares prompt and answer lengths."""
     outputs: list[list[int] | None] = [None] * len(examples)
-    by_length: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, ex in enumerate(examples):
-        by_length.setdefault(ex.length, []).append(i)
-    for indices in by_length.values():
+        groups.setdefault((len(ex.tokens), len(ex.answer)), []).append(i)
+    for indices in groups.values():
         for s in range(0, len(indices), batch_size):
             chunk = indices[s:s + batch_size]
-            new_tokens = max(len(examples[i].answer) for i in chunk)
+            new_tokens = len(examples[chunk[0]].answer)
             for i, out in zip(chunk, generate_fn([examples[i].tokens for i in chunk], new_tokens)):
                 outputs[i] = list(out)
     return outputs
@@ -227,7 +227,8 @@ def heatmap_png(table: dict, path, dpi: int = 100) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(table)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), dpi=dpi, squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), dpi=dpi, squeeze=False,
+                             layout="constrained")
     image = None
     for ax, task in zip(axes[0], tasks):
         lengths = list(table[task])
