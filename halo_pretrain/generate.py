@@ -74,8 +74,11 @@ class CachedDecoder:
         if self.config.attention == "dense":
             index = torch.arange(hi + 1, device=positions.device).expand(len(positions), -1)
             return index, index <= positions[:, None]
-        index, valid = neighbor_index(hi + 1, self.config, layer, device=positions.device, start=lo)
-        return index[positions - lo], valid[positions - lo]
+        if hi - lo < 4 * len(positions):  # one call for the span of positions
+            index, valid = neighbor_index(hi + 1, self.config, layer, device=positions.device, start=lo)
+            return index[positions - lo], valid[positions - lo]
+        rows = [neighbor_index(p + 1, self.config, layer, device=positions.device, start=p) for p in positions.tolist()]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [B] placed at positions [B] (each < capacity) -> logits of the next token [B, vocab]."""
@@ -160,10 +163,19 @@ def generate(model: HaloSModel, prompts: Sequence[Sequence[int]], max_new_tokens
                 f"prompt {i} has {len(p)} tokens, more than the model's max_seq_len={max_len}: "
                 f"shorten it (keep its last {max_len} tokens at most)"
             )
-    outputs: list[list[int]] = [[] for _ in prompts]
     if not prompts or max_new_tokens == 0:
-        return outputs
+        return [[] for _ in prompts]
+    was_training = model.training
     model.eval()
+    try:
+        return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_id)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_id):
+    max_len = model.config.max_seq_len
+    outputs: list[list[int]] = [[] for _ in prompts]
     device = model.embed.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = int(lengths.max())
