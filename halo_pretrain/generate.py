@@ -95,10 +95,11 @@ class CachedDecoder:
             self.k[layer][rows, positions] = k[:, :, 0]
             self.v[layer][rows, positions] = v[:, :, 0]
             index, valid = self._neighbours(layer, positions)
-            k_rows = self.k[layer][rows[:, None], index]  # [B, K, KV, D]
-            v_rows = self.v[layer][rows[:, None], index]
-            qg = q[:, :, 0].reshape(b, c.num_kv_heads, group, c.head_dim)
-            gk, gv = attn.global_k.to(q.dtype), attn.global_v.to(q.dtype)
+            # one query per row: the scores, softmax and sums run in fp32 whatever the model's dtype
+            k_rows = self.k[layer][rows[:, None], index].float()  # [B, K, KV, D]
+            v_rows = self.v[layer][rows[:, None], index].float()
+            qg = q[:, :, 0].reshape(b, c.num_kv_heads, group, c.head_dim).float()
+            gk, gv = attn.global_k.to(q.dtype).float(), attn.global_v.to(q.dtype).float()
             scale = c.head_dim**-0.5
             tok = torch.einsum("bcgd,bkcd->bcgk", qg, k_rows) * scale
             tok = tok.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -107,7 +108,7 @@ class CachedDecoder:
             g = gk.shape[1]
             out = torch.einsum("bcgj,cjd->bcgd", p[..., :g], gv)
             out = out + torch.einsum("bcgk,bkcd->bcgd", p[..., g:], v_rows)
-            x = x + attn.o_proj(out.reshape(b, 1, -1))
+            x = x + attn.o_proj(out.reshape(b, 1, -1).to(x.dtype))
             x = x + block.mlp(block.mlp_norm(x))
         return self._logits(x[:, 0])
 
