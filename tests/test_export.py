@@ -1,5 +1,6 @@
 """halo-export: real ZeRO-0 and ZeRO-3 runs -> config.json + safetensors -> from_pretrained -> identical logits."""
 
+import hashlib
 import json
 import pickle
 import warnings
@@ -107,11 +108,15 @@ def test_export_refuses_to_unpickle_code_in_a_checkpoint(runs, tmp_path):
             return (marker.touch, ())
 
     torch.save({"module": Payload()}, tag / "mp_rank_00_model_states.pt")
+    # a checkpoint from elsewhere: its completion record describes the file as it is
+    payload = tag / "mp_rank_00_model_states.pt"
     complete = json.loads((tag / "complete.json").read_text())
-    complete["files"]["mp_rank_00_model_states.pt"] = (tag / "mp_rank_00_model_states.pt").stat().st_size
+    complete["files"][payload.name] = payload.stat().st_size
+    if "sha256" in complete:
+        complete["sha256"][payload.name] = hashlib.sha256(payload.read_bytes()).hexdigest()
     (tag / "complete.json").write_text(json.dumps(complete))
     with pytest.raises(pickle.UnpicklingError):
-        export(run, tmp_path / "out")
+        export(run, tmp_path / "out", step=6)
     assert not marker.exists()
 
 
