@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .attention import halo_attention, resolve_backend
 from .attention.neighbors import neighbor_index
