@@ -6,22 +6,25 @@ Layout under the checkpoint directory (default <run.dir>/checkpoints):
         trainer_state.json    step, consumed samples, tokens, skipped steps, world size, ZeRO stage,
                               the model config and the run config
         rng/rank_00000.json   every RNG state of each rank (python, numpy, torch, cuda)
-        complete.json         written last: every file of the checkpoint with its size
+        complete.json         written last: every file of the checkpoint with its size and SHA-256
     latest                    the tag of the newest complete checkpoint, replaced atomically
 
 A crash at any moment leaves `latest` naming a complete checkpoint. On start the run loads the
-checkpoint `latest` names; if its files are missing, truncated or unreadable it says so and falls
-back to the previous complete one.
+checkpoint `latest` names; if its files are missing, truncated, changed (checksum) or unreadable it
+says so and falls back to the previous complete one. Checksums are computed and verified with the
+files shared out over the ranks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -104,6 +107,31 @@ def incomplete_reason(tag_dir: Path) -> str | None:
         if path.stat().st_size != size:
             return f"{rel} is truncated or changed ({path.stat().st_size} bytes, {size} expected)"
     return None
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksum_mismatch(tag_dir: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """Verify this rank's share (every world_size-th file) of the checksums in complete.json."""
+    sums = json.loads((tag_dir / COMPLETE).read_text()).get("sha256", {})
+    for rel in sorted(sums)[rank::world_size]:
+        if sha256_of(tag_dir / rel) != sums[rel]:
+            return f"{rel} does not match its checksum (corrupted)"
+    return None
+
+
+def _gather(value):
+    """Every rank's value, in rank order (a one-element list without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -195,22 +223,27 @@ class Checkpointer:
             _fsync_write(tag_dir / "rng" / f"rank_{self.rank:05d}.json", json.dumps(rng_state()))
             if kill_at_step == state.step:  # tests: die in the middle of a save
                 os.kill(os.getpid(), signal.SIGKILL)
-            self._barrier()
             if self.rank == 0:
                 _fsync_write(tag_dir / TRAINER_STATE, json.dumps(asdict(state), indent=1))
-                files = {}
-                for path in sorted(tag_dir.rglob("*")):
-                    if path.is_file() and path.name != COMPLETE:
-                        _fsync_file(path)
-                        files[str(path.relative_to(tag_dir))] = path.stat().st_size
-                _fsync_write(tag_dir / COMPLETE, json.dumps({"step": state.step, "files": files}, indent=1))
+            self._barrier()
+            names = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file())
+            mine = {}
+            for rel in names[self.rank::self.world_size]:  # each rank syncs and hashes a share of the files
+                _fsync_file(tag_dir / rel)
+                mine[rel] = sha256_of(tag_dir / rel)
+            sums = {k: v for part in _gather(mine) for k, v in part.items()}
+            if self.rank == 0:
+                files = {rel: (tag_dir / rel).stat().st_size for rel in names}
+                _fsync_write(tag_dir / COMPLETE, json.dumps({"step": state.step, "files": files, "sha256": sums},
+                                                            indent=1))
                 _fsync_write(self.dir / LATEST, tag + "\n")
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            free = shutil.disk_usage(self.dir).free / 2**20
             if self.rank == 0 or tag_dir.exists():
                 shutil.rmtree(tag_dir, ignore_errors=True)
             previous = read_latest(self.dir)
             raise CheckpointError(
-                f"saving checkpoint {tag_dir} failed: {e}. The previous complete checkpoint "
+                f"saving checkpoint {tag_dir} failed ({free:.1f} MiB were free there): {e}. The previous complete checkpoint "
                 f"({previous or 'none'}) is intact; free space (or fix the directory) and rerun to resume") from e
         self._barrier()
         if self.rank == 0:
@@ -228,6 +261,16 @@ class Checkpointer:
                 continue
             shutil.rmtree(path, ignore_errors=True)
         shutil.rmtree(self.dir / "universal", ignore_errors=True)  # conversions for a resume, no longer needed
+
+    def newest_state(self) -> tuple[Path, TrainerState] | None:
+        """The trainer state of the checkpoint a resume would try first (before any engine exists)."""
+        for tag_dir in candidates(self.dir):
+            if incomplete_reason(tag_dir) is None:
+                try:
+                    return tag_dir, read_trainer_state(tag_dir)
+                except (OSError, ValueError, TypeError):
+                    continue
+        return None
 
     def reshard_from(self, zero_stage: int, precision: str) -> TrainerState | None:
         """The state of the checkpoint to resume when it was written with another world size or ZeRO stage
@@ -273,7 +316,10 @@ class Checkpointer:
 
         tried = []
         for tag_dir in candidates(self.dir):
-            reason = incomplete_reason(tag_dir)
+            reason = incomplete_reason(tag_dir)  # the same answer on every rank (a shared directory)
+            if reason is None:
+                found = [r for r in _gather(checksum_mismatch(tag_dir, self.rank, self.world_size)) if r]
+                reason = found[0] if found else None
             if reason is None:
                 try:
                     state = read_trainer_state(tag_dir)
@@ -342,14 +388,17 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     ckpt_dir = checkpoint_dir_of(run_dir)
     complete = [(s, p) for s, p in tag_dirs(ckpt_dir) if incomplete_reason(p) is None]
     steps = ", ".join(str(s) for s, _ in sorted(complete)) or "none"
-    if step is None:
-        for p in candidates(ckpt_dir):
-            if incomplete_reason(p) is None:
-                return p
-        raise CheckpointError(f"{run_dir}: no complete checkpoint in {ckpt_dir}")
-    for s, p in complete:
-        if s == step:
+    chosen = [p for p in candidates(ckpt_dir) if incomplete_reason(p) is None] if step is None else \
+        [p for s, p in complete if s == step]
+    for p in chosen:
+        bad = checksum_mismatch(p)
+        if bad is None:
             return p
+        if step is not None:
+            raise CheckpointError(f"{p}: {bad}; complete steps: {steps}")
+        warnings.warn(f"{p}: {bad}; using the previous complete checkpoint")
+    if step is None:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint in {ckpt_dir}")
     raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step}; complete steps: {steps}")
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ..data.loader import TrainLoader, open_stream
 from ..model import HaloSModel
 from . import distributed
-from .checkpoint import Checkpointer, TrainerState, seed_all
+from .checkpoint import Checkpointer, TrainerState, check_same_shape, seed_all
 from .engine import BatchPlan, batch_plan, build_engine
 from .metrics import MetricsLogger, memory_gb, peak_flops, truncate_metrics
 from .run_config import ConfigError, RunConfig
@@ -48,6 +48,9 @@ class Trainer:
         self.num_parameters = model.num_parameters()
         self.checkpointer = Checkpointer(cfg.checkpoint_dir(), info.rank, info.world_size, cfg.checkpoint.keep_last,
                                          say=self.say)
+        newest = self.checkpointer.newest_state() if cfg.checkpoint.resume else None
+        if newest is not None:  # a different model shape is refused before any memory is spent on it
+            check_same_shape(newest[0], newest[1].model, self.halo)
         previous = self.checkpointer.reshard_from(cfg.deepspeed.zero_stage, cfg.train.precision) \
             if cfg.checkpoint.resume else None
         self.universal = previous is not None
@@ -196,6 +199,8 @@ class Trainer:
                 logger.write(f"stop requested ({stop.signal_name or 'on another rank'}): checkpoint of step "
                              f"{state.step} saved; rerun the same command to resume (exit {EXIT_PREEMPTED})")
                 return EXIT_PREEMPTED
+        logger.write(f"training done: step {state.step}, {state.tokens:,} tokens; checkpoint "
+                     f"{self.cfg.checkpoint_dir() / f'step_{state.step:08d}'}")
         return EXIT_OK
 
 
