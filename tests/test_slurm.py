@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import filecmp
 import json
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,11 +15,12 @@ import pytest
 
 from slurm_cluster import (COMPARED, STEPS, SlurmCluster, compared, reference_run, run_config,  # noqa: F401
                            slurm_cluster, train_data)
-from train_utils import REPO, train_env
+from train_utils import REPO, stdlib_sources, train_env
 
 pytestmark = pytest.mark.slow
 
 TRAIN = REPO / "slurm" / "train.sbatch"
+PREP = REPO / "slurm" / "prep.sh"
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
@@ -26,7 +29,7 @@ def job_env(**extra) -> dict:
 
 
 def submit(cluster: SlurmCluster, config: Path, tmp: Path, options=(), **env) -> str:
-    return cluster.sbatch(TRAIN, config,
+    return cluster.sbatch(TRAIN, "--config", config,
                           options=[*CPU_JOB, f"--output={tmp}/job-%j.out", *options], env=job_env(**env), cwd=tmp)
 
 
@@ -158,11 +161,21 @@ def test_busy_master_port_is_named_in_the_job_log(slurm_cluster, train_data, tmp
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_bad_config_is_named_in_the_job_log_before_anything_starts(slurm_cluster, train_data, tmp_path):
+    config = run_config(tmp_path, "run", train_data)
+    job = slurm_cluster.sbatch(TRAIN, "--config", config, "train.stepz=10", options=[*CPU_JOB, f"--output={tmp_path}/job-%j.out"],
+                               env=job_env(), cwd=tmp_path)
+    info = slurm_cluster.wait(job)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert "unknown key 'train.stepz'; did you mean 'train.steps'?" in log and "rendezvous" not in log
+
+
 def test_allocation_with_fewer_gpus_than_asked_is_refused(slurm_cluster, train_data, tmp_path):
     """The test nodes give out 2 GPUs each (gres.conf) that torch cannot see: a broken GPU node."""
     config = run_config(tmp_path, "run", train_data)
     env = {**job_env(), "HALO_SLURM_CPU": "0"}
-    job = slurm_cluster.sbatch(TRAIN, config, options=["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
+    job = slurm_cluster.sbatch(TRAIN, "--config", config, options=["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
                                                        "--cpus-per-task=1", f"--output={tmp_path}/job-%j.out"],
                                env=env, cwd=tmp_path)
     info = slurm_cluster.wait(job)
@@ -170,3 +183,38 @@ def test_allocation_with_fewer_gpus_than_asked_is_refused(slurm_cluster, train_d
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
     assert "fewer GPUs than asked: 2 per node wanted, but n1 has 0" in log
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---- prep.sbatch ----------------------------------------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_prep_array_job_writes_byte_for_byte_what_one_process_writes(slurm_cluster, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = stdlib_sources(150_000)
+    for i in range(3):
+        (corpus / f"part{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[i::3]))
+    args = ["--tokenizer", "byte", "--docs-per-shard", "2", "--val-fraction", "0.2", "--workers", "1", str(corpus)]
+    single = subprocess.run([sys.executable, "-m", "data_prep", "-o", str(tmp_path / "single"), *args],
+                            env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+
+    out = slurm_cluster.run(["bash", str(PREP), "--cpus-per-task=1", "3", "-o", str(tmp_path / "array"), *args],
+                            env=train_env(), cwd=tmp_path).stdout
+    array_job, merge_job = re.search(r"array job (\d+) \(3 tasks\), then job (\d+) writes", out).groups()
+    tasks = [slurm_cluster.wait(array_job, timeout=120)] + slurm_cluster.jobs(array_job)
+    merge = slurm_cluster.wait(merge_job)
+    assert merge["JobState"] == "COMPLETED", (tmp_path / f"slurm-halo-prep-{merge_job}.out").read_text()
+    assert merge["Dependency"] == "(null)" and all(t["JobState"] == "COMPLETED" for t in tasks)
+
+    task_logs = [(tmp_path / f"slurm-halo-prep-{t['JobId']}.out").read_text() for t in slurm_cluster.jobs(array_job)]
+    written = [int(re.search(r"shards written: (\d+)", log).group(1)) for log in task_logs]
+    assert len(written) == 3 and all(n > 0 for n in written), task_logs  # each task did its part
+    merge_log = (tmp_path / f"slurm-halo-prep-{merge_job}.out").read_text()
+    assert re.search(rf"shards written: 0, already complete: {sum(written)}", merge_log), merge_log
+    assert (tmp_path / "array" / "manifest.json").is_file()
+    assert tree(tmp_path / "array") == tree(tmp_path / "single")
