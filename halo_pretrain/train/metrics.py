@@ -87,7 +87,6 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.bar is not None:
-            self.bar.update(record["step"] - self.bar.n)
             show = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
             if record.get("grad_norm") is not None:
                 show["gnorm"] = f"{record['grad_norm']:.3f}"
@@ -96,6 +95,7 @@ class MetricsLogger:
                 show["mfu"] = f"{100 * record['mfu']:.1f}%"
             show["mem"] = f"{record['mem_gb']:.1f}G"
             self.bar.set_postfix(show, refresh=False)
+            self.bar.update(record["step"] - self.bar.n)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.wandb is not None:
             self.wandb.log(numbers, step=record["step"])

@@ -75,6 +75,7 @@ class TrainSection(_Section):
     grad_accum: Optional[int] = Field(default=None, gt=0)  # None: global_batch_size / (micro_batch_size * world)
     global_batch_size: Optional[int] = Field(default=None, gt=0)
     steps: int = Field(gt=0)
+    exit_at_step: Optional[int] = Field(default=None, gt=0)  # this invocation saves and exits 0 after this step
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     grad_clip: float = Field(default=1.0, ge=0)  # 0: no clipping
     activation_checkpointing: int = Field(default=0, ge=0)  # 0 none, 1 every layer, k every k-th layer

@@ -192,9 +192,13 @@ class Trainer:
                              f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last checkpoint "
                              f"(step {saved_step}) is intact; lower optim.lr or check the data")
                 return EXIT_NONFINITE
-            if state.step % cfg.checkpoint.interval == 0 or last or stop_requested:
+            exit_now = state.step == cfg.train.exit_at_step and not last
+            if state.step % cfg.checkpoint.interval == 0 or last or stop_requested or exit_now:
                 self.checkpointer.save(self.engine, state, kill_at_step=cfg.debug.kill_during_save_step)
                 saved_step = state.step
+            if exit_now and not stop_requested:
+                logger.write(f"train.exit_at_step={state.step} reached: checkpoint saved; rerun without it to go on")
+                return EXIT_OK
             if stop_requested and not last:
                 logger.write(f"stop requested ({stop.signal_name or 'on another rank'}): checkpoint of step "
                              f"{state.step} saved; rerun the same command to resume (exit {EXIT_PREEMPTED})")
