@@ -112,7 +112,7 @@ def wait_for_steps(run_dir: Path, n: int, proc, timeout: float = 180) -> None:
 
 
 def test_nonfinite_loss_skips_the_update_then_stops(workdir, corpus):
-    config = make_config(workdir, corpus, "nan", train={"max_nonfinite_steps": 1},
+    config = make_config(workdir, corpus, "nan", train={"max_nonfinite_steps": 1}, logging={"progress_bar": True},
                          checkpoint={"interval": 1, "keep_last": 5}, debug={"inject_nonfinite_steps": [3, 5]})
     proc = run_train(config, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]

@@ -87,7 +87,8 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.bar is not None:
-            show = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+            loss = record["loss"]
+            show = {"loss": "skipped" if loss is None else f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
             if record.get("grad_norm") is not None:
                 show["gnorm"] = f"{record['grad_norm']:.3f}"
             show["tok/s"] = f"{record['tokens_per_s']:.0f}"
