@@ -213,6 +213,9 @@ class SlurmCluster:
             records = self.jobs(job_id)
             if all(done(r) for r in records):
                 return records[0]
+            if until and all(r["JobState"] in ended for r in records):
+                raise AssertionError(f"job {job_id} ended ({records[0]['JobState']}, exit {records[0]['ExitCode']}, "
+                                     f"restarts {records[0]['Restarts']}) before what the test waits for")
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not done after {timeout}s: {self.jobs(job_id)}\n{self.logs()}")
 
