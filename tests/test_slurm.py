@@ -25,7 +25,10 @@ CPU_JOB = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-
 
 
 def job_env(**extra) -> dict:
-    return {**train_env(), "HALO_SLURM_CPU": "1", **extra}
+    """No PYTHONPATH: train.sbatch finds the checkout it was submitted from by itself."""
+    env = {**train_env(), "HALO_SLURM_CPU": "1", **extra}
+    env.pop("PYTHONPATH")
+    return env
 
 
 def submit(cluster: SlurmCluster, config: Path, tmp: Path, options=(), **env) -> str:
