@@ -143,7 +143,7 @@ def quality(args) -> None:
 def prep(args) -> None:
     stdlib = sysconfig.get_paths()["stdlib"]
     cmd = [sys.executable, "-m", "data_prep", stdlib, "-o", args.out, "--tokenizer", "byte",
-           "--ext", ".py", "--workers", str(os.cpu_count()), "--val-fraction", "0.02"]
+           "--ext", ".py", "--exclude", "*/site-packages/*", "--errors", "replace", "--workers", str(os.cpu_count()), "--val-fraction", "0.02"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
