@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -102,6 +103,8 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_losses(slurm_clust
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert "got SIGUSR1" in log and "requeueing (restart 1 of at most 20)" in log and "training finished" in log
+    stopped = (run_dir / "logs" / f"slurm-{job}" / "restart-0" / "rank-0.log").read_text()
+    assert f"stop requested (SIGUSR1): checkpoint of step {stopped_at} saved" in stopped
     resumed = (run_dir / "logs" / f"slurm-{job}" / "restart-1" / "rank-0.log").read_text()
     assert f"resumed from step {stopped_at}" in resumed
     assert compared(metrics(run_dir)) == compared(reference_run)
@@ -162,6 +165,36 @@ def test_busy_master_port_is_named_in_the_job_log(slurm_cluster, train_data, tmp
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
     assert f"MASTER_PORT={port} is already in use on n1" in log and "unset MASTER_PORT" in log
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_no_free_port_in_the_job_range_is_named_in_the_job_log(slurm_cluster, train_data, tmp_path):
+    config = run_config(tmp_path, "run", train_data)
+    job = submit(slurm_cluster, config, tmp_path, options=["--hold"])
+    first = 20000 + int(job) % 20000  # the script's range: 100 ports from here
+    with contextlib.ExitStack() as stack:
+        for port in range(first, first + 100):
+            busy = stack.enter_context(socket.socket())
+            busy.bind(("", port))
+            busy.listen()
+        slurm_cluster.run(["scontrol", "release", job])
+        info = slurm_cluster.wait(job)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert f"no free port in {first}-{first + 99} on n1" in log and "export MASTER_PORT=" in log
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_job_requeued_beyond_its_bound_does_not_start(slurm_cluster, train_data, tmp_path):
+    """Requeued by Slurm itself (as after a node failure), more often than HALO_MAX_REQUEUES allows."""
+    config = run_config(tmp_path, "run", train_data)
+    job = submit(slurm_cluster, config, tmp_path, HALO_MAX_REQUEUES="0")
+    slurm_cluster.wait(job, timeout=60, until=lambda j: j["JobState"] == "RUNNING")
+    slurm_cluster.run(["scontrol", "requeue", job])
+    info = slurm_cluster.wait(job, until=lambda j: j["Restarts"] == "1" and j["JobState"] == "FAILED")
+    log = job_log(tmp_path, job)
+    assert info["ExitCode"] == "75:0", log
+    assert "this job was requeued 1 times, more than HALO_MAX_REQUEUES=0; not starting" in log
+    assert "restart-1" not in log and "fix the config" not in log  # nothing was launched
 
 
 def test_bad_config_is_named_in_the_job_log_before_anything_starts(slurm_cluster, train_data, tmp_path):
