@@ -190,8 +190,8 @@ def floor_rows(bandwidth: float, n: int, head_dim: int, heads: int, kv_heads: in
 # ---- Triton tile sweep -------------------------------------------------------------------------------------
 
 # (block_m, block_n, num_warps, num_stages)
-FWD_TILES = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 64, 8, 2), (32, 32, 2, 2)]
-BWD_TILES = [(64, 64, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1), (64, 32, 4, 1), (32, 32, 2, 1)]
+FWD_TILES = [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
+BWD_TILES = [(32, 32, 4, 1), (32, 32, 8, 1), (64, 32, 8, 1), (64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1)]
 
 
 def sweep_tiles(n: int, head_dim: int, heads: int, kv_heads: int, batch: int, dtype) -> dict:
@@ -224,6 +224,25 @@ def sweep_tiles(n: int, head_dim: int, heads: int, kv_heads: int, batch: int, dt
         results[kernel] = [{"tile": list(t), "ms": ms} for ms, t in timings]
         print(f"  sweep {kernel} d={head_dim}: " + ", ".join(f"{t}: {ms:.3f}" for ms, t in timings), flush=True)
     return results
+
+
+def profile_triton(n: int, head_dim: int, heads: int, kv_heads: int, batch: int, dtype) -> str:
+    """Per-kernel device time of one Triton forward+backward (torch.profiler), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from halo_pretrain.attention.triton_kernel import triton_attention
+
+    config = make_config(n, heads, kv_heads, head_dim)
+    x = make_inputs(config, n, batch, dtype, requires_grad=True)
+    dout = torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype)
+    for _ in range(3):
+        triton_attention(*x, config, LAYER).backward(dout)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            triton_attention(*x, config, LAYER).backward(dout)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40)
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -259,6 +278,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--sweep", action="store_true", help="first pick Triton tiles by timing at the largest N")
+    p.add_argument("--profile", type=int, nargs="*", default=[], help="print a Triton profile at these N")
     p.add_argument("--max-seconds", type=float, default=480, help="stop starting new measurements after this")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for attention.json and attention.md")
     args = p.parse_args(argv)
@@ -266,9 +286,9 @@ def main(argv=None) -> None:
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
     for v in args.variants:
         attention_fn(v)
-    import torch._dynamo
+    from torch import _dynamo
 
-    torch._dynamo.config.cache_size_limit = 256  # one flex compile per (mask, shape)
+    _dynamo.config.cache_size_limit = 256  # one flex compile per (mask, shape)
     dtype = getattr(torch, args.dtype)
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +301,10 @@ def main(argv=None) -> None:
         (args.out / "attention.json").write_text(json.dumps(report, indent=2))
         (args.out / "attention.md").write_text(markdown(report["rows"]) + "\n")
 
+    for n in args.profile:
+        text = profile_triton(n, args.head_dim[0], args.heads, args.kv_heads, args.batch, dtype)
+        print(f"profile N={n} head_dim={args.head_dim[0]} (5 forward+backward steps)\n{text}", flush=True)
+        report.setdefault("profiles", {})[str(n)] = text
     for d in args.head_dim:
         if args.sweep and "triton" in args.variants:
             report["sweeps"][str(d)] = sweep_tiles(max(args.n), d, args.heads, args.kv_heads, args.batch, dtype)

@@ -1,6 +1,10 @@
 """Triton device helpers shared by the HALO-S forward and backward kernels.
 
 Scores live in the log2 domain: s = (q . k) * scale * log2(e), so softmax uses exp2.
+Keys of a query tile come in three kinds: the window (a contiguous key band, tensor-core tiles), the
+global slots (one small tile shared by every query, tensor cores too), and the token extras: column j
+of a tile is dilated offset j (j < num_offsets) or random slot j - num_offsets, one gathered key row per
+query. Loops over extra columns load column j+1 while computing column j.
 """
 
 import triton
@@ -24,16 +28,26 @@ def random_target(query_hash, slot, span):
 
 
 @triton.jit
-def random_is_new(ok, rows, target, slot, query_hash, span, OFFSETS, num_offsets):
-    """`ok` and the dedup rule of a random slot: its target is no dilated position, no earlier slot's target.
+def extra_column(j, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span):
+    """Key position [M] of extra column j for query rows, and whether it is in the set.
 
-    A target t <= q - W equals a dilated position q - d exactly when q - t == d (then d >= W and d <= q).
+    Dedup (neighbors.py): a dilated offset below W is a window key; a random target is dropped when it
+    equals a dilated position (then q - t is an offset) or an earlier slot's target. Scalar conditions
+    enter through tl.where: the CPU interpreter gives `bool vector & bool scalar` an int32 result.
     """
-    for i in range(num_offsets):
-        ok = ok & (rows - target != tl.load(OFFSETS + i))
-    for earlier in range(slot):
-        ok = ok & (target != random_target(query_hash, earlier, span))
-    return ok
+    if j < num_offsets:
+        dist = tl.load(OFFSETS + j)
+        pos = rows - dist
+        ok = row_ok & (pos >= 0) & (pos <= rows - window)  # dist >= W
+    else:
+        slot = j - num_offsets
+        pos = random_target(query_hash, slot, span)
+        ok = tl.where(slot < num_random, row_ok & (rows >= window), False)
+        for i in range(num_offsets):
+            ok = ok & (rows - pos != tl.load(OFFSETS + i))
+        for earlier in range(slot):
+            ok = ok & (pos != random_target(query_hash, earlier, span))
+    return pos, ok
 
 
 @triton.jit
@@ -55,27 +69,33 @@ def load_cols(base, cols, stride_row, ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def load_vector(ptr, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One [HEAD_DIM] row (a global slot) as fp32 [BLOCK_D]."""
-    if HEAD_DIM == BLOCK_D:
-        return tl.load(ptr + offs_d).to(tl.float32)
-    return tl.load(ptr + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def window_mask(q_pos, k_pos, window):
     """[len(q_pos), len(k_pos)]: k in q-W+1..q."""
     return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
 
 
 @triton.jit
-def online_softmax_row(score, value_rows, m_i, l_i, acc):
-    """Fold one key per query row: score [M] (log2 domain, -inf where absent), value_rows [M or 1, D] fp32."""
+def online_softmax(scores, m_i, l_i):
+    """Fold scores [M, X] (log2 domain, -inf where absent) into the running max and sum.
+
+    Returns (m_new, l_new, alpha, p): rescale the accumulator by alpha, then add p @ values.
+    A row with no key so far keeps m = -inf; m_safe keeps exp2 away from (-inf) - (-inf).
+    """
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(scores - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
+def online_softmax_column(score, m_i, l_i):
+    """online_softmax for one key per row: score [M]; returns (m_new, l_new, alpha, p [M])."""
     m_new = tl.maximum(m_i, score)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(score - m_safe)
-    return m_new, l_i * alpha + p, acc * alpha[:, None] + p[:, None] * value_rows
+    return m_new, l_i * alpha + p, alpha, p
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """HALO-S attention forward: one program per (query tile, head); online softmax over the neighbour set.
 
-Order per tile: the local window as tensor-core tiles over the contiguous key band, then one key per
-query row for each global slot, dilated offset and random slot (row gathers). Writes O and the
+Per tile: the local window as tensor-core tiles over the contiguous key band; the global slots as one
+tensor-core tile; then the token extras (dilated offsets, random slots), one gathered K row and V row
+per query and column, the next column's rows loading while this one is folded in. Writes O and the
 log-sum-exp (log2 domain) that the backward recomputes probabilities from.
 """
 
@@ -9,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    load_cols, load_rows, load_vector, mix32, mma, online_softmax_row, random_is_new, random_target, window_mask,
+    extra_column, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column, window_mask,
 )
 
 
@@ -21,7 +22,7 @@ def halo_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, num_globals, num_random, key, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
     pid = tl.program_id(0)
@@ -34,11 +35,8 @@ def halo_fwd_kernel(
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    gk_base = GK + kv_head.to(tl.int64) * num_globals * HEAD_DIM
-    gv_base = GV + kv_head.to(tl.int64) * num_globals * HEAD_DIM
 
     q_start = q_tile * BLOCK_M
-    q_last = q_start + BLOCK_M - 1
     rows = q_start + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -48,53 +46,48 @@ def halo_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # local window: key tiles covering q_start-W+1 .. q_last
+    # local window: key tiles covering q_start-W+1 .. q_start+BLOCK_M-1
     lo = tl.maximum(q_start - window + 1, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(q_start + BLOCK_M, N)
     for k_start in range(lo, hi, BLOCK_N):
         cols = k_start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         k_t = load_cols(k_base, cols, stride_kn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
+        v = load_rows(v_base, cols, stride_vn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
         s = mma(q, k_t, MMA_DTYPE, DOT_PRECISION) * qk_scale
         s = tl.where(window_mask(rows, cols, window), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(v_base, cols, stride_vn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
+        m_i, l_i, alpha, p = online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, MMA_DTYPE, DOT_PRECISION)
-        m_i = m_new
 
+    # global slots: one [BLOCK_G] key tile shared by all queries (a loop of one step when G > 0)
+    for g0 in range(0, num_globals, BLOCK_G):
+        slots = g0 + tl.arange(0, BLOCK_G)
+        slot_ok = slots < num_globals
+        g_base = kv_head.to(tl.int64) * num_globals * HEAD_DIM
+        gk_t = load_cols(GK + g_base, slots, HEAD_DIM, slot_ok, offs_d, HEAD_DIM, BLOCK_D)
+        gv = load_rows(GV + g_base, slots, HEAD_DIM, slot_ok, offs_d, HEAD_DIM, BLOCK_D)
+        s = mma(q, gk_t, MMA_DTYPE, DOT_PRECISION) * qk_scale
+        s = tl.where(slot_ok[None, :], s, float("-inf"))
+        m_i, l_i, alpha, p = online_softmax(s, m_i, l_i)
+        acc = acc * alpha[:, None] + mma(p.to(gv.dtype), gv, MMA_DTYPE, DOT_PRECISION)
+
+    # token extras, column j = dilated offset j, then random slot j - num_offsets
     q_f32 = q.to(tl.float32)
-
-    for slot in range(num_globals):
-        gk = load_vector(gk_base + slot * HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
-        gv = load_vector(gv_base + slot * HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
-        s = tl.sum(q_f32 * gk[None, :], 1) * qk_scale
-        m_i, l_i, acc = online_softmax_row(s, gv[None, :], m_i, l_i, acc)
-
-    for i in range(num_offsets):
-        dist = tl.load(OFFSETS + i)
-        if (dist >= window) & (dist <= q_last):  # offsets below W are window keys
-            k_pos = rows - dist
-            ok = row_ok & (k_pos >= 0)
-            k_rows = load_rows(k_base, k_pos, stride_kn, ok, offs_d, HEAD_DIM, BLOCK_D).to(tl.float32)
-            s = tl.where(ok, tl.sum(q_f32 * k_rows, 1) * qk_scale, float("-inf"))
-            v_rows = load_rows(v_base, k_pos, stride_vn, ok, offs_d, HEAD_DIM, BLOCK_D).to(tl.float32)
-            m_i, l_i, acc = online_softmax_row(s, v_rows, m_i, l_i, acc)
-
-    if (num_random > 0) & (q_last >= window):
-        query_hash = mix32(key.to(tl.uint32) ^ rows.to(tl.uint32))
-        span = tl.maximum(rows - window + 1, 1).to(tl.uint32)
-        for slot in range(num_random):
-            target = random_target(query_hash, slot, span)
-            ok = random_is_new(row_ok & (rows >= window), rows, target, slot, query_hash, span,
-                               OFFSETS, num_offsets)
-            k_rows = load_rows(k_base, target, stride_kn, ok, offs_d, HEAD_DIM, BLOCK_D).to(tl.float32)
-            s = tl.where(ok, tl.sum(q_f32 * k_rows, 1) * qk_scale, float("-inf"))
-            v_rows = load_rows(v_base, target, stride_vn, ok, offs_d, HEAD_DIM, BLOCK_D).to(tl.float32)
-            m_i, l_i, acc = online_softmax_row(s, v_rows, m_i, l_i, acc)
+    query_hash = mix32(key.to(tl.uint32) ^ rows.to(tl.uint32))
+    span = tl.maximum(rows - window + 1, 1).to(tl.uint32)
+    num_extra = num_offsets + num_random
+    pos, ok_next = extra_column(0, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span)
+    k_next = load_rows(k_base, pos, stride_kn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
+    v_next = load_rows(v_base, pos, stride_vn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
+    for j in range(num_extra):
+        ok, k_rows, v_rows = ok_next, k_next, v_next
+        pos, ok_next = extra_column(j + 1, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash,
+                                    span)
+        k_next = load_rows(k_base, pos, stride_kn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
+        v_next = load_rows(v_base, pos, stride_vn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
+        s = tl.where(ok, tl.sum(q_f32 * k_rows.to(tl.float32), 1) * qk_scale, float("-inf"))
+        m_i, l_i, alpha, p = online_softmax_column(s, m_i, l_i)
+        acc = acc * alpha[:, None] + p[:, None] * v_rows.to(tl.float32)
 
     # every real row holds at least its own key, so l_i > 0 there; padded rows are not stored
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -25,7 +25,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 
-# (block_m, block_n, num_warps, num_stages) per kernel; benchmarks may override entries by key.
+# (block_m, block_n, num_warps, num_stages) per (kernel, block_d, dtype); benchmarks override entries.
 TILE_OVERRIDES: dict[tuple[str, int, torch.dtype], tuple[int, int, int, int]] = {}
 
 
@@ -39,8 +39,8 @@ def tile_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.dev
     if dtype == torch.float32:
         return 32, 32, 4, 1
     if kernel == "fwd":
-        return (64, 64, 4, 2) if block_d <= 64 else (64, 64, 8, 2)
-    return (64, 64, 4, 1) if block_d <= 64 else (64, 64, 8, 1)
+        return (32, 32, 2, 2) if block_d <= 64 else (32, 32, 4, 2)
+    return (32, 32, 2, 1) if block_d <= 64 else (32, 32, 4, 1)
 
 
 def _check_inputs(q, k, v, global_k, global_v) -> None:
@@ -73,6 +73,11 @@ def _check_inputs(q, k, v, global_k, global_v) -> None:
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def _block_g(num_globals: int) -> int:
+    """The global slots' key tile (tl.dot needs at least 16 columns)."""
+    return max(16, triton.next_power_of_2(num_globals))
 
 
 def _mma_args(dtype: torch.dtype) -> dict:
@@ -146,7 +151,8 @@ def _forward(q, k, v, global_k, global_v, window, offsets, num_random, key):
         q, k, v, gk, gv, _offsets_tensor(tuple(offsets), q.device), out, lse,
         *_strides(q), *_strides(k), *_strides(v),
         n, h, kv, window, len(offsets), g, num_random, key, d**-0.5 * LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, **_mma_args(q.dtype),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=_block_g(g),
+        **_mma_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -170,6 +176,7 @@ def _backward(dout, q, k, v, global_k, global_v, out, lse, window, offsets, num_
     offsets_t = _offsets_tensor(tuple(offsets), q.device)
 
     block_m, block_n, warps, stages = tile_config("dq", block_d, q.dtype, q.device)
+    dq_blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_G": _block_g(g)}
     q_tiles = triton.cdiv(n, block_m)
     dgk_part = torch.empty((b, h, q_tiles, g, d), dtype=torch.float32, device=q.device)
     dgv_part = torch.empty_like(dgk_part)
@@ -178,7 +185,7 @@ def _backward(dout, q, k, v, global_k, global_v, out, lse, window, offsets, num_
         q, k, v, gk, gv, offsets_t, out, dout, lse, delta, dq, dgk_part, dgv_part,
         *_strides(q), *_strides(k), *_strides(v),
         n, h, kv, window, len(offsets), g, num_random, key, scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, **mma_args,
+        HEAD_DIM=d, BLOCK_D=block_d, **dq_blocks, **mma_args,
         num_warps=warps, num_stages=stages,
     )
 
