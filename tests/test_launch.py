@@ -61,6 +61,13 @@ def test_single_node_and_two_nodes_without_ssh_give_the_same_losses(tmp_path, co
     assert len(losses(tmp_path / "two_nodes")) == 3
     assert losses(tmp_path / "two_nodes") == losses(tmp_path / "single")
 
+    # torchrun sets the same variables as the deepspeed launcher: the same run again
+    torchrun = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                               "halo_pretrain.train", "--config", str(single), f"run.dir={tmp_path / 'torchrun'}"],
+                              env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    assert losses(tmp_path / "torchrun") == losses(tmp_path / "single")
+
 
 def test_single_gpu_debug_refuses_without_a_gpu(tmp_path, corpus):
     proc = script("single_gpu_debug.sh", ["--config", str(config(tmp_path, corpus, "gpu"))])
