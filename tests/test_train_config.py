@@ -151,6 +151,23 @@ def test_skipped_step_leaves_weights_and_moments():
     assert not torch.equal(w.detach(), before)
 
 
+def test_rng_states_round_trip_through_json():
+    import json
+    import random
+
+    import numpy as np
+
+    from halo_pretrain.train.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    saved = json.loads(json.dumps(rng_state()))
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(7), np.random.rand(7), random.random()
+    set_rng_state(saved)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
 class FakeComm:
     def __init__(self):
         self.sent = None

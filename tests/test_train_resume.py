@@ -45,6 +45,8 @@ def config_for(workdir: Path, corpus: Path, name: str, zero: int, nproc: int) ->
     cfg = tiny_config(workdir / name, corpus, deepspeed={"zero_stage": zero},
                       train={"steps": steps}, checkpoint={"interval": INTERVAL, "keep_last": 3},
                       eval={"interval": 8, "samples": 8})
+    if (zero, nproc) == (0, 1):
+        cfg["model"]["dropout"] = 0.1  # exact resume then needs the restored RNG states too
     return write_config(workdir / f"{name}.yaml", cfg)
 
 
