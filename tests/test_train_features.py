@@ -130,14 +130,19 @@ def test_nonfinite_loss_skips_the_update_then_stops(workdir, corpus):
     assert not (workdir / "nan" / "checkpoints" / "step_00000005").exists()  # nothing saved after the stop
 
 
-def test_bf16_zero1_trains_and_exports(workdir, corpus):
-    config = make_config(workdir, corpus, "bf16", train={"precision": "bf16", "activation_checkpointing": 2},
-                         deepspeed={"zero_stage": 1})
+@pytest.mark.parametrize("precision,zero,offload", [("bf16", 1, False), ("fp16", 3, True)])
+def test_mixed_precision_and_offload_train_and_export(workdir, corpus, precision, zero, offload):
+    """bf16 with ZeRO-1 and activation checkpointing every 2nd block; fp16 (dynamic loss scale) with
+    ZeRO-3 and CPU offload of parameters and optimizer."""
+    name = f"{precision}_z{zero}"
+    config = make_config(workdir, corpus, name, train={"precision": precision, "activation_checkpointing": 2},
+                         deepspeed={"zero_stage": zero, "offload": offload})
     run_train(config)
-    values = losses(workdir / "bf16")
+    values = losses(workdir / name)
     assert len(values) == STEPS and values[-1] < values[0] - 0.3
-    config_, state = load_model_state(workdir / "bf16")
+    config_, state = load_model_state(workdir / name)
     assert state["embed.weight"].dtype == torch.float32 and config_.num_layers == 2
+    assert yaml.safe_load((workdir / name / "config.yaml").read_text())["train"]["precision"] == precision
 
 
 def copy_run(workdir: Path, source: Path, name: str, *overrides: str) -> tuple[Path, Path]:
