@@ -189,9 +189,9 @@ def floor_rows(bandwidth: float, n: int, head_dim: int, heads: int, kv_heads: in
 
 # ---- Triton tile sweep -------------------------------------------------------------------------------------
 
-# (block_m, block_n, num_warps, num_stages)
-FWD_TILES = [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
-BWD_TILES = [(32, 32, 4, 1), (32, 32, 8, 1), (64, 32, 8, 1), (64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1)]
+# (block_m, block_n, num_warps, num_stages, prefetch)
+FWD_TILES = [(32, 32, 2, 2, False), (32, 32, 2, 2, True), (32, 32, 4, 2, False), (64, 64, 4, 2, False)]
+BWD_TILES = [(32, 32, 2, 1, False), (32, 32, 4, 1, False), (32, 32, 4, 1, True), (64, 64, 4, 1, False)]
 
 
 def sweep_tiles(n: int, head_dim: int, heads: int, kv_heads: int, batch: int, dtype) -> dict:
@@ -243,6 +243,34 @@ def profile_triton(n: int, head_dim: int, heads: int, kv_heads: int, batch: int,
             triton_attention(*x, config, LAYER).backward(dout)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40)
+
+
+def host_overhead_us(n: int = 1024, head_dim: int = 64, heads: int = 16, calls: int = 200) -> dict:
+    """Host time per call (µs, no device sync inside the loop) of the Triton path's layers at a small N."""
+    from halo_pretrain.attention import triton_kernel as tk
+
+    config = make_config(n, heads, heads, head_dim)
+    x = make_inputs(config, n, 1, torch.bfloat16, requires_grad=False)
+    pattern = (config.local_window, list(config.offsets), config.num_random, tk.layer_key(config.seed, LAYER))
+    out, lse = tk._forward(*x, *pattern)
+    dout = torch.randn_like(out)
+    xg = [t.detach().requires_grad_() for t in x]
+    steps = {
+        "kernel launch only: _forward": lambda: tk._forward(*x, *pattern),
+        "kernel launches only: _backward": lambda: tk._backward(dout, *x, out, lse, *pattern),
+        "triton_attention forward (custom op)": lambda: tk.triton_attention(*x, config, LAYER),
+        "triton_attention forward+backward (autograd)": lambda: tk.triton_attention(*xg, config, LAYER).backward(dout),
+    }
+    result = {}
+    for name, fn in steps.items():
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        result[name] = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+    return result
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -301,6 +329,9 @@ def main(argv=None) -> None:
         (args.out / "attention.json").write_text(json.dumps(report, indent=2))
         (args.out / "attention.md").write_text(markdown(report["rows"]) + "\n")
 
+    report["host_overhead_us"] = host_overhead_us()
+    print("host time per call (µs): " + ", ".join(f"{k}: {v:.0f}" for k, v in report["host_overhead_us"].items()),
+          flush=True)
     for n in args.profile:
         text = profile_triton(n, args.head_dim[0], args.heads, args.kv_heads, args.batch, dtype)
         print(f"profile N={n} head_dim={args.head_dim[0]} (5 forward+backward steps)\n{text}", flush=True)

@@ -109,11 +109,12 @@ def test_half_precision_matches_reference(dtype, d, n, kv):
     check_against_reference(config, n, dtype, seed=d + n)
 
 
-@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("tiles", [(32, 16, False), (16, 32, True)])
 def test_unequal_query_and_key_tiles(monkeypatch, tiles):
-    block_m, block_n = tiles
+    """Query tiles larger and smaller than key tiles; extra rows loaded in place or one column ahead."""
+    block_m, block_n, prefetch = tiles
     for kernel in ("fwd", "dq", "dkv"):
-        monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), (block_m, block_n, 1, 1))
+        monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), (block_m, block_n, 1, 1, prefetch))
     check_against_reference(make_config(w=18, offsets=(5, 21, 50), r=2), 83, torch.float32, seed=7)
 
 

@@ -15,7 +15,7 @@ dV = Pᵀ dO. The kernels keep `scale` out of dS and apply it when storing.
 import triton
 import triton.language as tl
 
-from .triton_common import extra_column, load_cols, load_rows, mix32, mma, window_mask
+from .triton_common import extra_key_rows, load_cols, load_rows, mix32, mma, window_mask
 
 
 @triton.jit(do_not_specialize=["key"])
@@ -26,7 +26,7 @@ def halo_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, num_globals, num_random, key, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
     pid = tl.program_id(0)
@@ -87,19 +87,26 @@ def halo_bwd_dq_kernel(
         tl.store(DGK_PART + part_ptrs, d_gk, mask=part_mask)
         tl.store(DGV_PART + part_ptrs, d_gv, mask=part_mask)
 
-    # token extras, the next column's K and V rows loading while this one is used
+    # token extras (with PREFETCH, the next column's K and V rows load while this one is used)
     q_f32 = q.to(tl.float32)
     query_hash = mix32(key.to(tl.uint32) ^ rows.to(tl.uint32))
     span = tl.maximum(rows - window + 1, 1).to(tl.uint32)
-    pos, ok_next = extra_column(0, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span)
-    k_next = load_rows(k_base, pos, stride_kn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
-    v_next = load_rows(v_base, pos, stride_vn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
+    if PREFETCH:
+        ok_next, k_next, v_next = extra_key_rows(0, rows, row_ok, OFFSETS, num_offsets, num_random, window,
+                                                 query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
+                                                 HEAD_DIM, BLOCK_D)
     for j in range(num_offsets + num_random):
-        ok, k_rows, v_rows = ok_next, k_next.to(tl.float32), v_next.to(tl.float32)
-        pos, ok_next = extra_column(j + 1, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash,
-                                    span)
-        k_next = load_rows(k_base, pos, stride_kn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
-        v_next = load_rows(v_base, pos, stride_vn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
+        if PREFETCH:
+            ok, k_rows, v_rows = ok_next, k_next, v_next
+            ok_next, k_next, v_next = extra_key_rows(j + 1, rows, row_ok, OFFSETS, num_offsets, num_random, window,
+                                                     query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
+                                                     HEAD_DIM, BLOCK_D)
+        else:
+            ok, k_rows, v_rows = extra_key_rows(j, rows, row_ok, OFFSETS, num_offsets, num_random, window,
+                                                query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
+                                                HEAD_DIM, BLOCK_D)
+        k_rows = k_rows.to(tl.float32)
+        v_rows = v_rows.to(tl.float32)
         s = tl.sum(q_f32 * k_rows, 1) * qk_scale
         p = tl.where(ok, tl.math.exp2(s - lse), 0.0)
         ds = p * (tl.sum(do_f32 * v_rows, 1) - delta)
@@ -125,9 +132,12 @@ def _extra_queries(j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, rando
 
 
 @triton.jit
-def _query_rows(q_base, stride_qn, do_base, lse_base, delta_base, q_pos, ok, offs_d,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Q rows, dO rows, log-sum-exp and delta of queries q_pos; lse = +inf where not ok (so p = 0)."""
+def _extra_query_rows(j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
+                      q_base, stride_qn, do_base, lse_base, delta_base, offs_d,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Q rows, dO rows, log-sum-exp and delta of the queries of extra column j; lse = +inf where none (p = 0)."""
+    q_pos, ok = _extra_queries(j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start,
+                               random_count)
     q_rows = load_rows(q_base, q_pos, stride_qn, ok, offs_d, HEAD_DIM, BLOCK_D)
     do_rows = load_rows(do_base, q_pos, HEAD_DIM, ok, offs_d, HEAD_DIM, BLOCK_D)
     lse = tl.load(lse_base + q_pos, mask=ok, other=float("inf"))
@@ -143,7 +153,7 @@ def halo_bwd_dkv_kernel(
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
     k_tile = tl.program_id(0)
@@ -193,17 +203,23 @@ def halo_bwd_dkv_kernel(
             ds_t = p_t * (mma(v, tl.trans(do), MMA_DTYPE, DOT_PRECISION) - delta[None, :])
             dk += mma(ds_t.to(q.dtype), q, MMA_DTYPE, DOT_PRECISION)
 
-        # extra query columns, the next column's rows loading while this one is used
-        q_pos, ok = _extra_queries(0, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start,
-                                   random_count)
-        q_next, do_next, lse_next, delta_next = _query_rows(q_base, stride_qn, do_base, lse_base, delta_base,
-                                                            q_pos, ok, offs_d, HEAD_DIM, BLOCK_D)
+        # extra query columns (with PREFETCH, the next column's rows load while this one is used)
+        if PREFETCH:
+            q_next, do_next, lse_next, delta_next = _extra_query_rows(
+                0, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
+                q_base, stride_qn, do_base, lse_base, delta_base, offs_d, HEAD_DIM, BLOCK_D)
         for j in range(num_extra):
-            q_rows, do_rows, lse, delta = q_next.to(tl.float32), do_next.to(tl.float32), lse_next, delta_next
-            q_pos, ok = _extra_queries(j + 1, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start,
-                                       random_count)
-            q_next, do_next, lse_next, delta_next = _query_rows(q_base, stride_qn, do_base, lse_base,
-                                                                delta_base, q_pos, ok, offs_d, HEAD_DIM, BLOCK_D)
+            if PREFETCH:
+                q_rows, do_rows, lse, delta = q_next, do_next, lse_next, delta_next
+                q_next, do_next, lse_next, delta_next = _extra_query_rows(
+                    j + 1, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
+                    q_base, stride_qn, do_base, lse_base, delta_base, offs_d, HEAD_DIM, BLOCK_D)
+            else:
+                q_rows, do_rows, lse, delta = _extra_query_rows(
+                    j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
+                    q_base, stride_qn, do_base, lse_base, delta_base, offs_d, HEAD_DIM, BLOCK_D)
+            q_rows = q_rows.to(tl.float32)
+            do_rows = do_rows.to(tl.float32)
             p = tl.math.exp2(tl.sum(k_f32 * q_rows, 1) * qk_scale - lse)
             ds = p * (tl.sum(v_f32 * do_rows, 1) - delta)
             dk += ds[:, None] * q_rows

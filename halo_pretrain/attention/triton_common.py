@@ -4,7 +4,7 @@ Scores live in the log2 domain: s = (q . k) * scale * log2(e), so softmax uses e
 Keys of a query tile come in three kinds: the window (a contiguous key band, tensor-core tiles), the
 global slots (one small tile shared by every query, tensor cores too), and the token extras: column j
 of a tile is dilated offset j (j < num_offsets) or random slot j - num_offsets, one gathered key row per
-query. Loops over extra columns load column j+1 while computing column j.
+query. With PREFETCH, loops over extra columns load column j+1 while computing column j.
 """
 
 import triton
@@ -48,6 +48,16 @@ def extra_column(j, rows, row_ok, OFFSETS, num_offsets, num_random, window, quer
         for earlier in range(slot):
             ok = ok & (pos != random_target(query_hash, earlier, span))
     return pos, ok
+
+
+@triton.jit
+def extra_key_rows(j, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span,
+                   k_base, stride_kn, v_base, stride_vn, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(ok [M], K rows [M, D], V rows [M, D]) of extra column j for query rows."""
+    pos, ok = extra_column(j, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span)
+    k_rows = load_rows(k_base, pos, stride_kn, ok, offs_d, HEAD_DIM, BLOCK_D)
+    v_rows = load_rows(v_base, pos, stride_vn, ok, offs_d, HEAD_DIM, BLOCK_D)
+    return ok, k_rows, v_rows
 
 
 @triton.jit

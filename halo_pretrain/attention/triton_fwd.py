@@ -2,7 +2,7 @@
 
 Per tile: the local window as tensor-core tiles over the contiguous key band; the global slots as one
 tensor-core tile; then the token extras (dilated offsets, random slots), one gathered K row and V row
-per query and column, the next column's rows loading while this one is folded in. Writes O and the
+per query and column (with PREFETCH, the next column's rows load while this one is folded in). Writes O and the
 log-sum-exp (log2 domain) that the backward recomputes probabilities from.
 """
 
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    extra_column, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column, window_mask,
+    extra_key_rows, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column, window_mask,
 )
 
 
@@ -22,7 +22,7 @@ def halo_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, num_globals, num_random, key, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
     pid = tl.program_id(0)
@@ -75,16 +75,20 @@ def halo_fwd_kernel(
     q_f32 = q.to(tl.float32)
     query_hash = mix32(key.to(tl.uint32) ^ rows.to(tl.uint32))
     span = tl.maximum(rows - window + 1, 1).to(tl.uint32)
-    num_extra = num_offsets + num_random
-    pos, ok_next = extra_column(0, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span)
-    k_next = load_rows(k_base, pos, stride_kn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
-    v_next = load_rows(v_base, pos, stride_vn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
-    for j in range(num_extra):
-        ok, k_rows, v_rows = ok_next, k_next, v_next
-        pos, ok_next = extra_column(j + 1, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash,
-                                    span)
-        k_next = load_rows(k_base, pos, stride_kn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
-        v_next = load_rows(v_base, pos, stride_vn, ok_next, offs_d, HEAD_DIM, BLOCK_D)
+    if PREFETCH:
+        ok_next, k_next, v_next = extra_key_rows(0, rows, row_ok, OFFSETS, num_offsets, num_random, window,
+                                                 query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
+                                                 HEAD_DIM, BLOCK_D)
+    for j in range(num_offsets + num_random):
+        if PREFETCH:
+            ok, k_rows, v_rows = ok_next, k_next, v_next
+            ok_next, k_next, v_next = extra_key_rows(j + 1, rows, row_ok, OFFSETS, num_offsets, num_random, window,
+                                                     query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
+                                                     HEAD_DIM, BLOCK_D)
+        else:
+            ok, k_rows, v_rows = extra_key_rows(j, rows, row_ok, OFFSETS, num_offsets, num_random, window,
+                                                query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
+                                                HEAD_DIM, BLOCK_D)
         s = tl.where(ok, tl.sum(q_f32 * k_rows.to(tl.float32), 1) * qk_scale, float("-inf"))
         m_i, l_i, alpha, p = online_softmax_column(s, m_i, l_i)
         acc = acc * alpha[:, None] + p[:, None] * v_rows.to(tl.float32)
