@@ -151,6 +151,16 @@ def test_world_size_change_continues_the_sample_stream(workdir, corpus, before, 
     assert min(abs(a["loss"] - b["loss"]) for a, b in zip(ref[4:], ref[5:])) > 1e-3
 
 
+def test_zero3_world_size_change_is_refused_unless_allowed(workdir, corpus):
+    """DeepSpeed 0.19's universal loader does not restore ZeRO-3 optimizer state exactly: refuse by default."""
+    config = reshard_run(workdir, reference(workdir, corpus, 3, 2), "reshard_zero3", step=4)
+    proc = run_train(config, 1, ["train.grad_accum=4"], check=False)
+    assert proc.returncode == 4
+    assert "written by 2 ranks with ZeRO-3; this run has 1 ranks with ZeRO-3" in proc.stderr
+    assert "checkpoint.allow_inexact_zero3_reshard=true" in proc.stderr
+    assert not (workdir / "reshard_zero3" / "checkpoints" / "universal").exists()
+
+
 def test_zero0_and_zero3_exports_give_the_same_logits(workdir, corpus):
     z0, z3 = reference(workdir, corpus, 0, 2), reference(workdir, corpus, 3, 2)
     config0, state0 = load_model_state(z0)

@@ -335,8 +335,11 @@ class Checkpointer:
             error = None
             try:
                 load_dir = self._to_universal(tag_dir).parent if universal else self.dir
+                groups = _param_groups_of(engine)
                 path, _ = engine.load_checkpoint(str(load_dir), tag=tag_dir.name, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
+                if universal:
+                    _restore_param_groups(engine, groups)
                 if path is None:
                     error = "DeepSpeed found no loadable files"
             except Exception as e:  # corrupt files raise anything from pickle, zipfile, torch
@@ -366,6 +369,20 @@ class Checkpointer:
             seed_all(hash((state.run_config.get("seed", 0), self.rank, state.step)) % 2**31)
             if self.rank == 0:
                 self.say(f"world size changed ({state.world_size} -> {self.world_size}): random states reseeded")
+
+
+def _param_groups_of(engine) -> list[dict]:
+    return [dict(g) for g in engine.optimizer.param_groups]
+
+
+def _restore_param_groups(engine, saved: list[dict]) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load empties every group's params and copies group 0's
+    hyperparameters (weight decay) to all groups; put back our groups' own (moments and step are
+    loaded correctly, keyed by the same flat tensors)."""
+    for group, before in zip(engine.optimizer.param_groups, saved):
+        if not group["params"]:
+            group["params"] = before["params"]
+        group["weight_decay"] = before["weight_decay"]
 
 
 # ---- consolidated weights for export --------------------------------------------------------------

@@ -105,6 +105,7 @@ class CheckpointSection(_Section):
     keep_last: int = Field(default=3, gt=0)
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     resume: bool = True
+    allow_inexact_zero3_reshard: bool = False  # see docs/training.md: a ZeRO-3 resume on another world size
 
 
 class RunSection(_Section):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ..data.loader import TrainLoader, open_stream
 from ..model import HaloSModel
 from . import distributed
-from .checkpoint import Checkpointer, TrainerState, check_same_shape, seed_all
+from .checkpoint import CheckpointError, Checkpointer, TrainerState, check_same_shape, seed_all
 from .engine import BatchPlan, batch_plan, build_engine
 from .metrics import MetricsLogger, memory_gb, peak_flops, truncate_metrics
 from .run_config import ConfigError, RunConfig
@@ -54,6 +54,14 @@ class Trainer:
         previous = self.checkpointer.reshard_from(cfg.deepspeed.zero_stage, cfg.train.precision) \
             if cfg.checkpoint.resume else None
         self.universal = previous is not None
+        if self.universal and 3 in (previous.zero_stage, cfg.deepspeed.zero_stage) \
+                and not cfg.checkpoint.allow_inexact_zero3_reshard:
+            raise CheckpointError(
+                f"the checkpoint to resume was written by {previous.world_size} ranks with ZeRO-{previous.zero_stage}; "
+                f"this run has {info.world_size} ranks with ZeRO-{cfg.deepspeed.zero_stage}. DeepSpeed 0.19 reshards "
+                "ZeRO-3 weights exactly but not its optimizer state (the next losses drift by ~1e-3), so halo-train "
+                f"refuses: resume on {previous.world_size} ranks with ZeRO-{previous.zero_stage}, or accept it with "
+                "checkpoint.allow_inexact_zero3_reshard=true")
         if self.universal:
             self.say(f"resuming a checkpoint of world size {previous.world_size}, ZeRO-{previous.zero_stage} on world "
                      f"size {info.world_size}, ZeRO-{cfg.deepspeed.zero_stage}: its partitioned state is resharded")
