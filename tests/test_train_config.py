@@ -111,6 +111,22 @@ def test_ds_config_is_filled_from_the_run_config(config_file):
         build_ds_config(load_run_config(config_file, ["deepspeed.offload=true"]), batch_plan(cfg, 1))
 
 
+def test_optional_logging_packages_are_checked_at_start(config_file):
+    import importlib.util
+
+    from halo_pretrain.train.metrics import check_logging_packages
+
+    check_logging_packages(load_run_config(config_file, ["logging.wandb_project=p", "logging.wandb_mode=offline"]))
+    check_logging_packages(load_run_config(config_file, ["logging.wandb_project=p", "logging.wandb_mode=disabled"]))
+    cfg = load_run_config(config_file, ["logging.tensorboard=true"])
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="logging.tensorboard is set but the 'tensorboard' package is not "
+                                              "installed: pip install tensorboard"):
+            check_logging_packages(cfg)
+    else:
+        check_logging_packages(cfg)
+
+
 def test_schedules():
     kw = dict(lr=1.0, min_lr=0.1, total_steps=100, warmup_steps=10)
     cos = [learning_rate(s, schedule="cosine", **kw) for s in range(100)]

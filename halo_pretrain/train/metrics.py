@@ -15,6 +15,21 @@ KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312
 METRICS_FILE = "metrics.jsonl"
 
 
+def check_logging_packages(run_config) -> None:
+    """wandb and TensorBoard are optional: a clear error at start when one is asked for but missing."""
+    import importlib.util
+
+    from .run_config import ConfigError
+
+    log = run_config.logging
+    wanted = [("wandb", "logging.wandb_project", bool(log.wandb_project) and log.wandb_mode != "disabled"),
+              ("tensorboard", "logging.tensorboard", log.tensorboard)]
+    for package, key, asked in wanted:
+        if asked and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{key} is set but the '{package}' package is not installed: pip install {package}, "
+                              f"or unset {key}")
+
+
 def peak_flops(configured_tflops: float | None) -> float | None:
     if configured_tflops:
         return configured_tflops * 1e12

@@ -15,7 +15,7 @@ from ..model import HaloSModel
 from . import distributed
 from .checkpoint import CheckpointError, Checkpointer, TrainerState, check_same_shape, seed_all
 from .engine import BatchPlan, batch_plan, build_engine
-from .metrics import MetricsLogger, memory_gb, peak_flops, truncate_metrics
+from .metrics import MetricsLogger, check_logging_packages, memory_gb, peak_flops, truncate_metrics
 from .run_config import ConfigError, RunConfig
 from .schedule import learning_rate
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopRequest
@@ -25,6 +25,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, info: distributed.RankInfo):
         self.cfg, self.info = cfg, info
         self.plan: BatchPlan = batch_plan(cfg, info.world_size)  # before anything starts
+        check_logging_packages(cfg)
         self.halo = cfg.halo_config()
         sources = cfg.data.sources()
         try:
@@ -68,6 +69,7 @@ class Trainer:
         self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan, universal=self.universal)
         self.loader = TrainLoader(self.train_stream, self.plan.micro_batch_size, info.rank, info.world_size)
         self.peak = peak_flops(cfg.train.peak_tflops)
+        self.warned_no_eval = False
 
     def say(self, message: str) -> None:
         if self.info.is_main:
@@ -121,6 +123,11 @@ class Trainer:
         per_round = self.plan.micro_batch_size * self.info.world_size
         rounds = self.cfg.eval.samples // per_round
         if self.val_stream is None or rounds == 0:
+            if self.cfg.eval.samples and not self.warned_no_eval:
+                self.warned_no_eval = True
+                why = "the data has no validation split" if self.val_stream is None else \
+                    f"eval.samples={self.cfg.eval.samples} < micro_batch_size x world size = {per_round}"
+                self.say(f"no evaluation: {why}")
             return None
         mb, rank = self.plan.micro_batch_size, self.info.rank
         self.engine.eval()
