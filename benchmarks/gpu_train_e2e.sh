@@ -13,7 +13,7 @@ out=${OUT:-/tmp/out}; work=/tmp/bench; mkdir -p "$out" "$work"
 cat "$out/env.txt"
 [ -f /tmp/corpus/manifest.json ] || python3 benchmarks/train_throughput.py prep --out /tmp/corpus > "$out/prep.log" 2>&1 || { tail -20 "$out/prep.log"; exit 1; }
 tail -3 "$out/prep.log" 2>/dev/null
-python3 benchmarks/train_throughput.py "$mode" --data /tmp/corpus --out "$work" "$@"
+timeout "${BENCH_SECONDS:-540}" python3 benchmarks/train_throughput.py "$mode" --data /tmp/corpus --out "$work" "$@"
 rc=$?
 cp "$work"/*.json "$work"/*.md "$out"/ 2>/dev/null
 tar czf "$out/runs.tgz" -C "$work" runs --exclude='*.pt' --exclude='checkpoints' 2>/dev/null

@@ -85,6 +85,7 @@ def throughput(args) -> None:
                 if result["log_tail"]:
                     row["log_tail"] = result["log_tail"]
                 rows.append(row)
+                (out / "throughput.json").write_text(json.dumps(rows, indent=1))
                 print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
                 if result["status"] != "OOM":
                     break
