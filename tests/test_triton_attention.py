@@ -114,7 +114,8 @@ def test_unequal_query_and_key_tiles(monkeypatch, tiles):
     """Query tiles larger and smaller than key tiles; extra rows loaded in place or one column ahead."""
     block_m, block_n, prefetch = tiles
     for kernel in ("fwd", "dq", "dkv"):
-        monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), (block_m, block_n, 1, 1, prefetch))
+        tile = (block_m, block_n, 1, 1, prefetch)
+        monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), tile)
     check_against_reference(make_config(w=18, offsets=(5, 21, 50), r=2), 83, torch.float32, seed=7)
 
 
@@ -199,14 +200,37 @@ def test_torch_compile_traces_the_custom_op():
     def f(q, k, v, gk, gv):
         return tk.triton_attention(q * 1.0, k, v, gk, gv, config, LAYER) * 2.0
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
     xs = [t.detach().float().requires_grad_() for t in leaves]
+    torch.compile(f, backend=capture, fullgraph=True)(*xs)
+    assert "halo_pretrain.attention" in graphs[0]  # one graph, the op inside it
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # traces the fake and autograd impls
     eager_out = f(*xs)
     eager_grads = torch.autograd.grad(eager_out, xs, dout.float())
     out = compiled(*xs)
     grads = torch.autograd.grad(out, xs, dout.float())
     assert torch.equal(out, eager_out)
     assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
+
+
+def test_custom_op_and_eager_function_agree_bitwise():
+    """torch.compile runs the registered op (halo_pretrain::attention), eager mode an autograd.Function."""
+    config = make_config(h=2, kv=1, g=2)
+    leaves, dout = make_inputs(config, 38, seed=12)
+    xs = [t.detach().float().requires_grad_() for t in leaves]
+    eager = tk.triton_attention(*xs, config, LAYER)
+    eager_grads = torch.autograd.grad(eager, xs, dout.float())
+    op_out, _ = torch.ops.halo_pretrain.attention(*xs, config.local_window, list(config.offsets),
+                                                  config.num_random, tk.layer_key(config.seed, LAYER))
+    op_grads = torch.autograd.grad(op_out, xs, dout.float())
+    assert torch.equal(op_out, eager)
+    assert all(torch.equal(a, b) for a, b in zip(op_grads, eager_grads))
 
 
 def test_activation_checkpointing_recomputes_identically():

@@ -254,16 +254,37 @@ def _autograd_backward(ctx, dout, _dlse):
 attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same kernels as `attention_op`, for eager mode: the custom op's autograd wrapper costs about
+    1 ms of host time per forward+backward, which dominates below ~4k tokens."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, global_k, global_v, window, offsets, num_random, key):
+        out, lse = _forward(q, k, v, global_k, global_v, window, offsets, num_random, key)
+        ctx.save_for_backward(q, k, v, global_k, global_v, out, lse)
+        ctx.pattern = (window, offsets, num_random, key)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, global_k, global_v, out, lse = ctx.saved_tensors
+        grads = _backward(dout, q, k, v, global_k, global_v, out, lse, *ctx.pattern)
+        return (*grads, None, None, None, None)
+
+
 def triton_attention(q, k, v, global_k, global_v, config: HaloConfig, layer: int):
     """q [B, H, N, D]; k, v [B, KV, N, D]; global_k, global_v [KV, G, D] -> [B, H, N, D].
 
-    Global slots are cast to q's dtype (parameters may be kept in fp32 under mixed precision).
+    Global slots are cast to q's dtype (parameters may be kept in fp32 under mixed precision). Under
+    torch.compile this is the custom op `halo_pretrain::attention`; in eager mode an autograd.Function
+    around the same kernels.
     """
     _check_inputs(q, k, v, global_k, global_v)
-    key = layer_key(config.seed, layer)
-    out, _ = attention_op(q, k, v, global_k.to(q.dtype), global_v.to(q.dtype), config.local_window,
-                          list(config.offsets), config.num_random, key)
-    return out
+    args = (q, k, v, global_k.to(q.dtype), global_v.to(q.dtype), config.local_window, list(config.offsets),
+            config.num_random, layer_key(config.seed, layer))
+    if torch.compiler.is_compiling():
+        return attention_op(*args)[0]
+    return _EagerAttention.apply(*args)
 
 
 __all__ = ["triton_attention", "random_inverse", "tile_config", "TILE_OVERRIDES"]
