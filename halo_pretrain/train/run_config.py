@@ -183,7 +183,7 @@ def _check_keys(tree: dict, where: "_Where", prefix: str = "") -> None:
         dotted = prefix + str(key)
         if dotted not in KNOWN_KEYS:
             near = difflib.get_close_matches(dotted, list(KNOWN_KEYS), n=1, cutoff=0.6)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; known keys are listed in docs/training.md"
+            hint = f"; did you mean '{near[0]}'?" if near else "; known keys are listed in docs/training.md"
             raise ConfigError(f"{where.of(dotted)}: unknown key '{dotted}'{hint}")
         if isinstance(value, dict) and dotted not in OPEN_KEYS and KNOWN_KEYS[dotted] is not None:
             _check_keys(value, where, dotted + ".")

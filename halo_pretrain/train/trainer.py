@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -77,30 +76,33 @@ class Trainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def train_step(self, state: TrainerState, stop: StopRequest) -> tuple[float, bool, bool, float | None]:
-        """(mean loss over the global batch, non-finite anywhere, stop requested anywhere, grad norm)."""
+        """(mean loss over the global batch, non-finite anywhere, stop requested anywhere, grad norm).
+        The ranks exchange one small tensor per step, before the optimizer update, so that all skip it together."""
         ga = self.plan.grad_accum
-        local = torch.zeros(3, dtype=torch.float64)  # loss sum, non-finite, stop requested
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, non-finite count, stop
         inject = (state.step + 1) in self.cfg.debug.inject_nonfinite_steps and self.info.rank == 0
+        norm = None
         self.engine.train()
         for micro_step in range(ga):
             inputs, labels = self.loader.micro_batch(state.consumed_samples, micro_step)
             _, loss = self.engine(inputs.to(self.device), labels=labels.to(self.device))
             if inject and micro_step == 0:
                 loss = loss * float("nan")
-            value = loss.detach().double().cpu()
-            local[0] += value
-            local[1] = max(float(local[1]), float(not torch.isfinite(value)))
+            value = loss.detach().double()
+            totals[0] += value
+            totals[1] += (~torch.isfinite(value)).double()
             self.engine.backward(loss)
             if micro_step == ga - 1:
-                local[2] = float(stop.requested)
-                self._all_reduce(local)
-                self.optimizer.skip_next = bool(local[1] > 0)
+                totals[2] = float(stop.requested)
+                dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+                loss_sum, nonfinite, stop_votes = totals.tolist()  # the step's one host sync
+                self.optimizer.skip_next = nonfinite > 0
                 norm = self._plain_grad_norm()
             self.engine.step()
         self.optimizer.skip_next = False
         if norm is None and self.engine.get_global_grad_norm() is not None:
             norm = float(self.engine.get_global_grad_norm())
-        return float(local[0]) / (ga * self.info.world_size), bool(local[1] > 0), bool(local[2] > 0), norm
+        return loss_sum / (ga * self.info.world_size), nonfinite > 0, stop_votes > 0, norm
 
     def _plain_grad_norm(self) -> float | None:
         """The global gradient norm before clipping where DeepSpeed reports none (ZeRO-0 in fp32, whose
@@ -109,12 +111,6 @@ class Trainer:
             return None
         grads = [p.grad.double().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).sum().sqrt()) if grads else None
-
-    def _all_reduce(self, local: torch.Tensor) -> None:
-        """Sum a small CPU tensor over ranks in place (through the device for nccl)."""
-        on_device = local.to(self.device)
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-        local.copy_(on_device.cpu())
 
     # ---- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -131,13 +127,13 @@ class Trainer:
             return None
         mb, rank = self.plan.micro_batch_size, self.info.rank
         self.engine.eval()
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
         for k in range(rounds):
             start = k * per_round + rank * mb
             tokens = torch.from_numpy(self.val_stream.samples(start, mb)).to(self.device)
             _, loss = self.engine(tokens[:, :-1], labels=tokens[:, 1:])
-            total += loss.double().cpu()
-        self._all_reduce(total)
+            total += loss.double()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
         self.engine.train()
         val_loss = float(total) / (rounds * self.info.world_size)
         return val_loss, math.exp(min(val_loss, 700.0))
