@@ -29,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.config is None and not args.overrides:
+        print("halo-train: error: give --config RUN.yaml (or a recipe name: quickstart, 125m, ...); "
+              "see docs/training.md", file=sys.stderr)
+        return EXIT_CONFIG
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .checkpoint import CheckpointError
     from .distributed import discover
