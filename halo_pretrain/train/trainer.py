@@ -147,6 +147,12 @@ class Trainer:
             self.say(f"starting a new run in {self.run_dir}")
         else:
             self.say(f"resumed from step {state.step} (consumed_samples {state.consumed_samples})")
+            before, now = state.run_config, cfg.model_dump(mode="json")
+            changed = [k for k in ("seed", "data") if before.get(k) != now.get(k)]
+            changed += [f"train.{k}" for k in ("seq_len", "steps") if before.get("train", {}).get(k) != now["train"][k]]
+            if changed:
+                self.say(f"note: {', '.join(changed)} changed since the checkpoint: the sample stream or the "
+                         "learning-rate schedule is not the one this run started with")
         state.world_size, state.zero_stage = self.info.world_size, cfg.deepspeed.zero_stage
         state.model, state.run_config = self.halo.to_dict(), cfg.model_dump(mode="json")
         if self.info.is_main:
