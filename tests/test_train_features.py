@@ -62,7 +62,8 @@ def test_plain_run_logs_progress_and_wandb_offline(plain):
 
 
 def test_sigterm_saves_exits_75_and_resumes_exactly(workdir, corpus, plain):
-    """...resumed with activation checkpointing on every block, which must change nothing (fp32 recompute)."""
+    """SIGTERM: finish the step, save, exit 75. The rerun resumes with activation checkpointing on every
+    block, which must change nothing either (recomputation in fp32 is exact)."""
     config = make_config(workdir, corpus, "sigterm")
     run_dir = workdir / "sigterm"
     proc = subprocess.Popen(train_command(config, 1), env=train_env(), cwd=REPO, text=True,
