@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .attention import halo_attention, resolve_backend
 from .attention.neighbors import mean_keys_per_query
@@ -164,12 +165,28 @@ class HaloSModel(nn.Module):
                 x = block(x, cos, sin, backend)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        logits = self.lm_head(self.hidden_states(input_ids))
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True):
+        """With return_logits=False (training), the loss is computed in chunks of tokens whose fp32 logits
+        are recomputed in the backward, so [B, N, vocab] logits are never held; returns (None, loss)."""
+        h = self.hidden_states(input_ids)
         if labels is None:
-            return logits
+            return self.lm_head(h)
+        if not return_logits:
+            return None, self.chunked_loss(h, labels)
+        logits = self.lm_head(h)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+        h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], chunk_tokens):
+            total = total + torch.utils.checkpoint.checkpoint(
+                self._loss_sum, h[s:s + chunk_tokens], labels[s:s + chunk_tokens], use_reentrant=False)
+        return total / (labels != -100).sum().clamp(min=1)
+
+    def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(h).float(), labels, ignore_index=-100, reduction="sum")
 
     # ---- counting ------------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -158,6 +158,22 @@ def test_loss_ignores_minus_100_and_matches_cross_entropy():
     assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
 
 
+def test_chunked_loss_equals_the_full_loss_and_its_gradients():
+    x = tokens(2, 50)
+    labels = torch.roll(x, -1, 1)
+    labels[0, 10:20] = -100
+    full, chunked = make_model(attention="gather"), make_model(attention="gather")
+    chunked.chunked_loss = lambda h, y: HaloSModel.chunked_loss(chunked, h, y, chunk_tokens=7)  # 100 tokens: 15 chunks
+    _, loss_full = full(x, labels=labels)
+    none, loss_chunked = chunked(x, labels=labels, return_logits=False)
+    assert none is None
+    assert loss_chunked.item() == pytest.approx(loss_full.item(), rel=1e-6)
+    loss_full.backward()
+    loss_chunked.backward()
+    for (n, a), b in zip(full.named_parameters(), chunked.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("hidden_size", 30, "divisible by num_heads"),
     ("num_kv_heads", 3, "divisible by num_kv_heads"),

@@ -85,7 +85,7 @@ class Trainer:
         self.engine.train()
         for micro_step in range(ga):
             inputs, labels = self.loader.micro_batch(state.consumed_samples, micro_step)
-            _, loss = self.engine(inputs.to(self.device), labels=labels.to(self.device))
+            _, loss = self.engine(inputs.to(self.device), labels=labels.to(self.device), return_logits=False)
             if inject and micro_step == 0:
                 loss = loss * float("nan")
             value = loss.detach().double()
@@ -131,7 +131,7 @@ class Trainer:
         for k in range(rounds):
             start = k * per_round + rank * mb
             tokens = torch.from_numpy(self.val_stream.samples(start, mb)).to(self.device)
-            _, loss = self.engine(tokens[:, :-1], labels=tokens[:, 1:])
+            _, loss = self.engine(tokens[:, :-1], labels=tokens[:, 1:], return_logits=False)
             total += loss.double()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         self.engine.train()
