@@ -86,7 +86,8 @@ def check_against_reference(config, n, dtype, b=1, seed=0, tol=None):
 FP32_CASES = {
     # name: (config kwargs, n, batch)
     "gqa2_globals_random": (dict(), 77, 1),
-    "mha_no_globals_no_random_auto_offsets": (dict(h=2, kv=2, d=32, g=0, w=5, offsets=None, r=0, max_seq_len=64), 45, 2),
+    "mha_no_globals_no_random_auto_offsets": (
+        dict(h=2, kv=2, d=32, g=0, w=5, offsets=None, r=0, max_seq_len=64), 45, 2),
     "gqa4_window_wider_than_tiles": (dict(h=4, kv=1, g=1, w=34, offsets=(7, 80, 100), r=3), 130, 1),
     "many_random_slots_dedup": (dict(h=1, kv=1, g=2, w=4, offsets=(1, 2, 4, 6, 9, 12, 17), r=6), 61, 1),
     "window_of_one": (dict(h=2, kv=2, g=1, w=1, offsets=(1, 2, 5), r=2), 37, 1),
