@@ -121,6 +121,9 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, univer
     if cfg.train.activation_checkpointing:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        for block in model.blocks:  # per block, as the blocks are identical: one compiled graph, reused
+            block.compile()
     o = cfg.optim
     optimizer = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -79,6 +79,7 @@ class TrainSection(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     grad_clip: float = Field(default=1.0, ge=0)  # 0: no clipping
     activation_checkpointing: int = Field(default=0, ge=0)  # 0 none, 1 every layer, k every k-th layer
+    compile: bool = False  # torch.compile each block (fuses norms, RoPE, SwiGLU); ZeRO 0-2
     max_nonfinite_steps: int = Field(default=10, ge=0)  # stop (exit 3) once more steps than this were skipped
     peak_tflops: Optional[float] = Field(default=None, gt=0)  # per device, for MFU; None: known GPUs only
 
@@ -145,6 +146,13 @@ class RunConfig(_Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     debug: DebugSection = Field(default_factory=DebugSection)
+
+    @model_validator(mode="after")
+    def _compile_needs_unpartitioned_weights(self):
+        if self.train.compile and self.deepspeed.zero_stage == 3:
+            raise ValueError("train.compile=true works with deepspeed.zero_stage 0, 1 or 2, not 3 "
+                             "(ZeRO-3 gathers weights in hooks that a compiled block would bypass)")
+        return self
 
     def halo_config(self) -> HaloConfig:
         return self.model.halo_config(self.seed)
