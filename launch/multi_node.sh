@@ -19,7 +19,7 @@ if [ $# -lt 1 ] || [ -z "${HOSTFILE:-}" ]; then
     exit 2
 fi
 if [ ! -f "$HOSTFILE" ]; then
-    echo "launch/multi_node.sh: error: HOSTFILE=$HOSTFILE does not exist" >&2
+    echo "launch/multi_node.sh: error: HOSTFILE=$HOSTFILE does not exist (or is not a file)" >&2
     exit 2
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
