@@ -16,5 +16,6 @@ tail -3 "$out/prep.log" 2>/dev/null
 timeout "${BENCH_SECONDS:-540}" python3 benchmarks/train_throughput.py "$mode" --data /tmp/corpus --out "$work" "$@"
 rc=$?
 cp "$work"/*.json "$work"/*.md "$out"/ 2>/dev/null
-tar czf "$out/runs.tgz" -C "$work" runs --exclude='*.pt' --exclude='checkpoints' 2>/dev/null
+(cd "$work" && find runs \( -name metrics.jsonl -o -name '*.yaml' -o -name stdout.log \) -print0 \
+  | tar czf "$out/runs.tgz" --null -T -)  # metrics for halo-plot; checkpoints stay behind
 exit $rc
