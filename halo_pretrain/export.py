@@ -9,7 +9,6 @@ model.safetensors (or model-00001-of-0000N.safetensors shards and model.safetens
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import pickle
 import re
@@ -27,32 +26,6 @@ TOKENIZER_FILE = "tokenizer_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def deepspeed_safe_globals() -> list:
-    """The plain-data classes DeepSpeed stores in its checkpoints, allowed when unpickling weights-only."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_torch_load():
-    """Make every torch.load inside (DeepSpeed's zero_to_fp32 included) unpickle weights only, never code."""
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    finally:
-        torch.load = original
-
-
 def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[HaloConfig, dict[str, torch.Tensor]]:
     """(config, consolidated fp32 state dict) of a complete checkpoint of the run; an error lists the steps."""
     from .train.checkpoint import load_model_state
@@ -60,8 +33,7 @@ def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[HaloCo
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    with weights_only_torch_load():
-        return load_model_state(run_dir, step)
+    return load_model_state(run_dir, step)
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None) -> HaloSModel:

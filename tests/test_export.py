@@ -117,6 +117,10 @@ def test_export_refuses_to_unpickle_code_in_a_checkpoint(runs, tmp_path):
     (tag / "complete.json").write_text(json.dumps(complete))
     with pytest.raises(pickle.UnpicklingError):
         export(run, tmp_path / "out", step=6)
+    from halo_pretrain.train.checkpoint import load_model_state
+
+    with pytest.raises(pickle.UnpicklingError):  # the trainer's reader refuses too, not only halo-export
+        load_model_state(run, step=6)
     assert not marker.exists()
 
 

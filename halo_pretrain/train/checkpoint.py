@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import contextlib
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -419,15 +420,46 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step}; complete steps: {steps}")
 
 
+def deepspeed_safe_globals() -> list:
+    """The plain-data classes DeepSpeed stores in its checkpoints, allowed when unpickling weights-only."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_torch_load():
+    """Make every torch.load inside (DeepSpeed's zero_to_fp32 included) unpickle weights only, never code."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
 def load_model_state(run_dir: str | Path, step: int | None = None) -> tuple[HaloConfig, dict[str, torch.Tensor]]:
     """(model config, consolidated fp32 state dict on CPU) of a complete checkpoint of any ZeRO stage."""
+    with weights_only_torch_load():
+        return _load_model_state(run_dir, step)
+
+
+def _load_model_state(run_dir, step):
     tag_dir = find_checkpoint(run_dir, step)
     state = read_trainer_state(tag_dir)
     config = HaloConfig.from_dict(state.model, source=str(tag_dir / TRAINER_STATE))
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     precision = state.run_config.get("train", {}).get("precision", "fp32")
     if state.zero_stage == 0 and precision == "fp32" and model_file.is_file():
-        weights = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        weights = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
