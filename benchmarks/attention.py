@@ -189,9 +189,10 @@ def floor_rows(bandwidth: float, n: int, head_dim: int, heads: int, kv_heads: in
 
 # ---- Triton tile sweep -------------------------------------------------------------------------------------
 
-# (block_m, block_n, num_warps, num_stages, prefetch)
-FWD_TILES = [(32, 32, 2, 2, False), (32, 32, 2, 2, True), (32, 32, 4, 2, False), (64, 64, 4, 2, False)]
-BWD_TILES = [(32, 32, 2, 1, False), (32, 32, 4, 1, False), (32, 32, 4, 1, True), (64, 64, 4, 1, False)]
+# (block, num_warps, num_stages)
+FWD_TILES = [(16, 1, 2), (16, 1, 3), (16, 1, 4), (16, 2, 3), (32, 1, 3), (32, 2, 2), (32, 2, 3), (32, 4, 3),
+             (64, 4, 2)]
+BWD_TILES = FWD_TILES
 
 
 def sweep_tiles(n: int, head_dim: int, heads: int, kv_heads: int, batch: int, dtype) -> dict:

@@ -110,13 +110,11 @@ def test_half_precision_matches_reference(dtype, d, n, kv):
     check_against_reference(config, n, dtype, seed=d + n)
 
 
-@pytest.mark.parametrize("tiles", [(32, 16, False), (16, 32, True)])
-def test_unequal_query_and_key_tiles(monkeypatch, tiles):
-    """Query tiles larger and smaller than key tiles; extra rows loaded in place or one column ahead."""
-    block_m, block_n, prefetch = tiles
+@pytest.mark.parametrize("block,stages", [(32, 1), (16, 3)])
+def test_tile_sizes_and_pipelined_bands(monkeypatch, block, stages):
+    """Tiles wider than the window and than some offsets; bands loaded ahead (num_stages) or in place."""
     for kernel in ("fwd", "dq", "dkv"):
-        tile = (block_m, block_n, 1, 1, prefetch)
-        monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), tile)
+        monkeypatch.setitem(tk.TILE_OVERRIDES, (kernel, 16, torch.float32), (block, 1, stages))
     check_against_reference(make_config(w=18, offsets=(5, 21, 50), r=2), 83, torch.float32, seed=7)
 
 

@@ -3,10 +3,10 @@
 `halo_bwd_dq_kernel`, one program per (query tile, head), walks the same keys as the forward and writes
 dQ, delta = rowsum(dO * O), and each tile's partial dGlobalK / dGlobalV (summed in a fixed order on the
 host). `halo_bwd_dkv_kernel`, one program per (key tile, KV head), owns its dK / dV rows and enumerates
-every query that reads them, for all heads of the GQA group: the window band as tensor-core tiles; then
-extra query columns, one query row per key and column: column j < num_offsets is dilated offset j (the
-query k + d), later columns walk the random edges into each key through a CSR inverse (key -> querying
-positions, sorted) built once per (length, layer).
+every query that reads them, for all heads of the GQA group: the window's query tiles and one shifted
+query tile per dilated offset d (the queries k + d, its diagonal) as tensor-core bands; then the random
+edges into each key, one query row per key and edge, through a CSR inverse (key -> querying positions,
+sorted) built once per (length, layer).
 
 With S = QKᵀ·scale and P = softmax(S): dS = P ⊙ (dO Vᵀ − delta); dQ = scale·dS K; dK = scale·dSᵀ Q;
 dV = Pᵀ dO. The kernels keep `scale` out of dS and apply it when storing.
@@ -15,7 +15,7 @@ dV = Pᵀ dO. The kernels keep `scale` out of dS and apply it when storing.
 import triton
 import triton.language as tl
 
-from .triton_common import extra_key_rows, load_cols, load_rows, mix32, mma, window_mask
+from .triton_common import band_distance, in_band, load_cols, load_rows, mix32, mma, random_column
 
 
 @triton.jit(do_not_specialize=["key"])
@@ -25,8 +25,8 @@ def halo_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, num_globals, num_random, key, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
     pid = tl.program_id(0)
@@ -41,8 +41,8 @@ def halo_bwd_dq_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    q_start = q_tile * BLOCK_M
-    rows = q_start + tl.arange(0, BLOCK_M)
+    q_start = q_tile * BLOCK
+    rows = q_start + tl.arange(0, BLOCK)
     row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(q_base, rows, stride_qn, row_ok, offs_d, HEAD_DIM, BLOCK_D)
@@ -54,16 +54,18 @@ def halo_bwd_dq_kernel(
     # +inf makes every probability of a padded row zero
     lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=float("inf"))
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = tl.maximum(q_start - window + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(q_start + BLOCK_M, N)
-    for k_start in range(lo, hi, BLOCK_N):
-        cols = k_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    window_lo = tl.maximum(q_start - window + 1, 0) // BLOCK * BLOCK
+    num_window_tiles = tl.cdiv(tl.minimum(q_start + BLOCK, N) - window_lo, BLOCK)
+    for t in range(num_window_tiles + num_offsets):  # key bands, as in the forward
+        dist = band_distance(t, num_window_tiles, OFFSETS)
+        cols = tl.where(dist == 0, window_lo + t * BLOCK, q_start - dist) + tl.arange(0, BLOCK)
+        col_ok = (cols >= 0) & (cols < N)
         k_t = load_cols(k_base, cols, stride_kn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
         v_t = load_cols(v_base, cols, stride_vn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
         s = mma(q, k_t, MMA_DTYPE, DOT_PRECISION) * qk_scale
-        p = tl.where(window_mask(rows, cols, window), tl.math.exp2(s - lse[:, None]), 0.0)
+        in_set = in_band(rows[:, None] - cols[None, :], dist, window) & col_ok[None, :]
+        p = tl.where(in_set, tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (mma(do, v_t, MMA_DTYPE, DOT_PRECISION) - delta[:, None])
         dq += mma(ds.to(k_t.dtype), tl.trans(k_t), MMA_DTYPE, DOT_PRECISION)
 
@@ -87,26 +89,14 @@ def halo_bwd_dq_kernel(
         tl.store(DGK_PART + part_ptrs, d_gk, mask=part_mask)
         tl.store(DGV_PART + part_ptrs, d_gv, mask=part_mask)
 
-    # token extras (with PREFETCH, the next column's K and V rows load while this one is used)
+    # random slots: one gathered key row per query and slot
     q_f32 = q.to(tl.float32)
     query_hash = mix32(key.to(tl.uint32) ^ rows.to(tl.uint32))
     span = tl.maximum(rows - window + 1, 1).to(tl.uint32)
-    if PREFETCH:
-        ok_next, k_next, v_next = extra_key_rows(0, rows, row_ok, OFFSETS, num_offsets, num_random, window,
-                                                 query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
-                                                 HEAD_DIM, BLOCK_D)
-    for j in range(num_offsets + num_random):
-        if PREFETCH:
-            ok, k_rows, v_rows = ok_next, k_next, v_next
-            ok_next, k_next, v_next = extra_key_rows(j + 1, rows, row_ok, OFFSETS, num_offsets, num_random, window,
-                                                     query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
-                                                     HEAD_DIM, BLOCK_D)
-        else:
-            ok, k_rows, v_rows = extra_key_rows(j, rows, row_ok, OFFSETS, num_offsets, num_random, window,
-                                                query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
-                                                HEAD_DIM, BLOCK_D)
-        k_rows = k_rows.to(tl.float32)
-        v_rows = v_rows.to(tl.float32)
+    for slot in range(num_random):
+        pos, ok = random_column(slot, rows, row_ok, OFFSETS, num_offsets, window, query_hash, span)
+        k_rows = load_rows(k_base, pos, stride_kn, ok, offs_d, HEAD_DIM, BLOCK_D).to(tl.float32)
+        v_rows = load_rows(v_base, pos, stride_vn, ok, offs_d, HEAD_DIM, BLOCK_D).to(tl.float32)
         s = tl.sum(q_f32 * k_rows, 1) * qk_scale
         p = tl.where(ok, tl.math.exp2(s - lse), 0.0)
         ds = p * (tl.sum(do_f32 * v_rows, 1) - delta)
@@ -117,27 +107,12 @@ def halo_bwd_dq_kernel(
 
 
 @triton.jit
-def _extra_queries(j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count):
-    """Query position [M] reading each key of `keys` as extra column j, and whether it does: column
-    j < num_offsets is dilated offset j (query k + d), later columns the random edges in CSR order."""
-    if j < num_offsets:
-        dist = tl.load(OFFSETS + j)
-        q_pos = keys + dist
-        ok = (q_pos < N) & (q_pos - keys >= window)  # dist >= W, as a vector (see extra_column)
-    else:
-        edge = j - num_offsets
-        ok = edge < random_count
-        q_pos = tl.load(RANDOM_QUERY + random_start + edge, mask=ok, other=0)
-    return q_pos, ok
-
-
-@triton.jit
-def _extra_query_rows(j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
-                      q_base, stride_qn, do_base, lse_base, delta_base, offs_d,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Q rows, dO rows, log-sum-exp and delta of the queries of extra column j; lse = +inf where none (p = 0)."""
-    q_pos, ok = _extra_queries(j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start,
-                               random_count)
+def _random_query_rows(edge, keys, key_ok, RANDOM_QUERY, random_start, random_count, q_base, stride_qn, do_base,
+                       lse_base, delta_base, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Q rows, dO rows, log-sum-exp and delta of each key's random edge `edge` (CSR order); lse = +inf
+    where a key has fewer edges (p = 0)."""
+    ok = key_ok & (edge < random_count)
+    q_pos = tl.load(RANDOM_QUERY + random_start + edge, mask=ok, other=0)
     q_rows = load_rows(q_base, q_pos, stride_qn, ok, offs_d, HEAD_DIM, BLOCK_D)
     do_rows = load_rows(do_base, q_pos, HEAD_DIM, ok, offs_d, HEAD_DIM, BLOCK_D)
     lse = tl.load(lse_base + q_pos, mask=ok, other=float("inf"))
@@ -152,8 +127,8 @@ def halo_bwd_dkv_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
     k_tile = tl.program_id(0)
@@ -162,21 +137,24 @@ def halo_bwd_dkv_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    k_start = k_tile * BLOCK_N
-    keys = k_start + tl.arange(0, BLOCK_N)
+    k_start = k_tile * BLOCK
+    keys = k_start + tl.arange(0, BLOCK)
     key_ok = keys < N
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(k_base, keys, stride_kn, key_ok, offs_d, HEAD_DIM, BLOCK_D)
     v = load_rows(v_base, keys, stride_vn, key_ok, offs_d, HEAD_DIM, BLOCK_D)
     k_f32 = k.to(tl.float32)
     v_f32 = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
     # random edges into these keys: RANDOM_QUERY[RANDOM_START[k] : RANDOM_START[k + 1]] (all zero when R = 0)
     random_start = tl.load(RANDOM_START + keys, mask=key_ok, other=0)
     random_count = tl.load(RANDOM_START + keys + 1, mask=key_ok, other=0) - random_start
-    num_extra = num_offsets + tl.max(random_count, 0)
+    max_random = tl.max(random_count, 0)
+    # query bands: the window's query tiles k .. k+W-1, then keys + d per dilated offset d
+    window_hi = tl.minimum(k_start + BLOCK - 1 + window, N)
+    num_window_tiles = tl.cdiv(window_hi - k_start, BLOCK)
 
     for head_in_group in range(group):
         head = kv_head * group + head_in_group
@@ -186,38 +164,25 @@ def halo_bwd_dkv_kernel(
         lse_base = LSE + bh * N
         delta_base = DELTA + bh * N
 
-        # window: queries k .. k+W-1 for the keys of this tile
-        lo = k_start // BLOCK_M * BLOCK_M
-        hi = tl.minimum(k_start + BLOCK_N - 1 + window, N)
-        for q_start in range(lo, hi, BLOCK_M):
-            rows = q_start + tl.arange(0, BLOCK_M)
+        for t in range(num_window_tiles + num_offsets):
+            dist = band_distance(t, num_window_tiles, OFFSETS)
+            rows = tl.where(dist == 0, k_start + t * BLOCK, k_start + dist) + tl.arange(0, BLOCK)
             row_ok = rows < N
             q = load_rows(q_base, rows, stride_qn, row_ok, offs_d, HEAD_DIM, BLOCK_D)
             do = load_rows(do_base, rows, HEAD_DIM, row_ok, offs_d, HEAD_DIM, BLOCK_D)
             lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
             s_t = mma(k, tl.trans(q), MMA_DTYPE, DOT_PRECISION) * qk_scale  # [keys, queries]
-            in_window = (keys[:, None] <= rows[None, :]) & (keys[:, None] > rows[None, :] - window)
-            p_t = tl.where(in_window, tl.math.exp2(s_t - lse[None, :]), 0.0)
+            in_set = in_band(rows[None, :] - keys[:, None], dist, window)
+            p_t = tl.where(in_set, tl.math.exp2(s_t - lse[None, :]), 0.0)
             dv += mma(p_t.to(do.dtype), do, MMA_DTYPE, DOT_PRECISION)
             ds_t = p_t * (mma(v, tl.trans(do), MMA_DTYPE, DOT_PRECISION) - delta[None, :])
             dk += mma(ds_t.to(q.dtype), q, MMA_DTYPE, DOT_PRECISION)
 
-        # extra query columns (with PREFETCH, the next column's rows load while this one is used)
-        if PREFETCH:
-            q_next, do_next, lse_next, delta_next = _extra_query_rows(
-                0, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
-                q_base, stride_qn, do_base, lse_base, delta_base, offs_d, HEAD_DIM, BLOCK_D)
-        for j in range(num_extra):
-            if PREFETCH:
-                q_rows, do_rows, lse, delta = q_next, do_next, lse_next, delta_next
-                q_next, do_next, lse_next, delta_next = _extra_query_rows(
-                    j + 1, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
-                    q_base, stride_qn, do_base, lse_base, delta_base, offs_d, HEAD_DIM, BLOCK_D)
-            else:
-                q_rows, do_rows, lse, delta = _extra_query_rows(
-                    j, keys, N, OFFSETS, num_offsets, window, RANDOM_QUERY, random_start, random_count,
-                    q_base, stride_qn, do_base, lse_base, delta_base, offs_d, HEAD_DIM, BLOCK_D)
+        for edge in range(max_random):
+            q_rows, do_rows, lse, delta = _random_query_rows(
+                edge, keys, key_ok, RANDOM_QUERY, random_start, random_count, q_base, stride_qn, do_base,
+                lse_base, delta_base, offs_d, HEAD_DIM, BLOCK_D)
             q_rows = q_rows.to(tl.float32)
             do_rows = do_rows.to(tl.float32)
             p = tl.math.exp2(tl.sum(k_f32 * q_rows, 1) * qk_scale - lse)

@@ -1,10 +1,11 @@
 """Triton device helpers shared by the HALO-S forward and backward kernels.
 
 Scores live in the log2 domain: s = (q . k) * scale * log2(e), so softmax uses exp2.
-Keys of a query tile come in three kinds: the window (a contiguous key band, tensor-core tiles), the
-global slots (one small tile shared by every query, tensor cores too), and the token extras: column j
-of a tile is dilated offset j (j < num_offsets) or random slot j - num_offsets, one gathered key row per
-query. With PREFETCH, loops over extra columns load column j+1 while computing column j.
+A query tile's token keys come as square tensor-core tiles ("bands"): first the local window's key
+tiles, then one band per dilated offset d, whose keys are the query rows shifted by d (a contiguous
+key tile, of which the diagonal is read). One loop walks all bands, so the compiler's pipeliner keeps
+the next bands' loads in flight. The global slots are one small extra tile; the random slots are one
+gathered key row per query and slot.
 """
 
 import triton
@@ -28,36 +29,35 @@ def random_target(query_hash, slot, span):
 
 
 @triton.jit
-def extra_column(j, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span):
-    """Key position [M] of extra column j for query rows, and whether it is in the set.
-
-    Dedup (neighbors.py): a dilated offset below W is a window key; a random target is dropped when it
-    equals a dilated position (then q - t is an offset) or an earlier slot's target. Scalar conditions
-    enter through tl.where: the CPU interpreter gives `bool vector & bool scalar` an int32 result.
-    """
-    if j < num_offsets:
-        dist = tl.load(OFFSETS + j)
-        pos = rows - dist
-        ok = row_ok & (pos >= 0) & (pos <= rows - window)  # dist >= W
-    else:
-        slot = j - num_offsets
-        pos = random_target(query_hash, slot, span)
-        ok = tl.where(slot < num_random, row_ok & (rows >= window), False)
-        for i in range(num_offsets):
-            ok = ok & (rows - pos != tl.load(OFFSETS + i))
-        for earlier in range(slot):
-            ok = ok & (pos != random_target(query_hash, earlier, span))
-    return pos, ok
+def band_distance(t, num_window_tiles, OFFSETS):
+    """Distance of band t: 0 for the window's key tiles (t < num_window_tiles), else dilated offset
+    t - num_window_tiles."""
+    dist = tl.load(OFFSETS + tl.maximum(t - num_window_tiles, 0))
+    return tl.where(t < num_window_tiles, 0, dist)
 
 
 @triton.jit
-def extra_key_rows(j, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span,
-                   k_base, stride_kn, v_base, stride_vn, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(ok [M], K rows [M, D], V rows [M, D]) of extra column j for query rows."""
-    pos, ok = extra_column(j, rows, row_ok, OFFSETS, num_offsets, num_random, window, query_hash, span)
-    k_rows = load_rows(k_base, pos, stride_kn, ok, offs_d, HEAD_DIM, BLOCK_D)
-    v_rows = load_rows(v_base, pos, stride_vn, ok, offs_d, HEAD_DIM, BLOCK_D)
-    return ok, k_rows, v_rows
+def in_band(gap, dist, window):
+    """Which pairs of a band, at distances gap = q - k, are in the neighbour set. Window band (dist 0):
+    0 <= gap < W. Dilated band: gap = dist, counted only when dist >= W (a shorter offset is a window
+    key). The caller masks keys before 0 and queries past N."""
+    return tl.where(dist == 0, (gap >= 0) & (gap < window), (gap == dist) & (gap >= window))
+
+
+@triton.jit
+def random_column(slot, rows, row_ok, OFFSETS, num_offsets, window, query_hash, span):
+    """Key position [M] of random slot `slot` for query rows, and whether it is in the set.
+
+    Dedup (neighbors.py): a target is dropped when it equals a dilated position (then q - t is an
+    offset) or an earlier slot's target. Only queries q >= W have random keys.
+    """
+    pos = random_target(query_hash, slot, span)
+    ok = row_ok & (rows >= window)
+    for i in range(num_offsets):
+        ok = ok & (rows - pos != tl.load(OFFSETS + i))
+    for earlier in range(slot):
+        ok = ok & (pos != random_target(query_hash, earlier, span))
+    return pos, ok
 
 
 @triton.jit
@@ -76,12 +76,6 @@ def load_cols(base, cols, stride_row, ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_
     if HEAD_DIM == BLOCK_D:
         return tl.load(ptrs, mask=ok[None, :], other=0.0)
     return tl.load(ptrs, mask=ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
-
-
-@triton.jit
-def window_mask(q_pos, k_pos, window):
-    """[len(q_pos), len(k_pos)]: k in q-W+1..q."""
-    return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
 
 
 @triton.jit

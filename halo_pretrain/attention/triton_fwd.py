@@ -1,16 +1,17 @@
 """HALO-S attention forward: one program per (query tile, head); online softmax over the neighbour set.
 
-Per tile: the local window as tensor-core tiles over the contiguous key band; the global slots as one
-tensor-core tile; then the token extras (dilated offsets, random slots), one gathered K row and V row
-per query and column (with PREFETCH, the next column's rows load while this one is folded in). Writes O and the
-log-sum-exp (log2 domain) that the backward recomputes probabilities from.
+Per tile: the key bands (the local window's tiles, then one shifted tile per dilated offset, masked to
+its diagonal) on the tensor cores in one pipelined loop; the global slots as one tensor-core tile; then
+the random slots, one gathered K row and V row per query and slot. Writes O and the log-sum-exp (log2
+domain) that the backward recomputes probabilities from.
 """
 
 import triton
 import triton.language as tl
 
 from .triton_common import (
-    extra_key_rows, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column, window_mask,
+    band_distance, in_band, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column,
+    random_column,
 )
 
 
@@ -21,8 +22,8 @@ def halo_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, num_globals, num_random, key, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
     pid = tl.program_id(0)
@@ -36,26 +37,27 @@ def halo_fwd_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    q_start = q_tile * BLOCK_M
-    rows = q_start + tl.arange(0, BLOCK_M)
+    q_start = q_tile * BLOCK
+    rows = q_start + tl.arange(0, BLOCK)
     row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(q_base, rows, stride_qn, row_ok, offs_d, HEAD_DIM, BLOCK_D)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
-    # local window: key tiles covering q_start-W+1 .. q_start+BLOCK_M-1
-    lo = tl.maximum(q_start - window + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(q_start + BLOCK_M, N)
-    for k_start in range(lo, hi, BLOCK_N):
-        cols = k_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+    # key bands: window tiles covering q_start-W+1 .. q_start+BLOCK-1, then rows - d per dilated offset d
+    window_lo = tl.maximum(q_start - window + 1, 0) // BLOCK * BLOCK
+    num_window_tiles = tl.cdiv(tl.minimum(q_start + BLOCK, N) - window_lo, BLOCK)
+    for t in range(num_window_tiles + num_offsets):
+        dist = band_distance(t, num_window_tiles, OFFSETS)
+        cols = tl.where(dist == 0, window_lo + t * BLOCK, q_start - dist) + tl.arange(0, BLOCK)
+        col_ok = (cols >= 0) & (cols < N)
         k_t = load_cols(k_base, cols, stride_kn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
         v = load_rows(v_base, cols, stride_vn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
         s = mma(q, k_t, MMA_DTYPE, DOT_PRECISION) * qk_scale
-        s = tl.where(window_mask(rows, cols, window), s, float("-inf"))
+        s = tl.where(in_band(rows[:, None] - cols[None, :], dist, window) & col_ok[None, :], s, float("-inf"))
         m_i, l_i, alpha, p = online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, MMA_DTYPE, DOT_PRECISION)
 
@@ -71,24 +73,14 @@ def halo_fwd_kernel(
         m_i, l_i, alpha, p = online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None] + mma(p.to(gv.dtype), gv, MMA_DTYPE, DOT_PRECISION)
 
-    # token extras, column j = dilated offset j, then random slot j - num_offsets
+    # random slots: one gathered key row per query and slot
     q_f32 = q.to(tl.float32)
     query_hash = mix32(key.to(tl.uint32) ^ rows.to(tl.uint32))
     span = tl.maximum(rows - window + 1, 1).to(tl.uint32)
-    if PREFETCH:
-        ok_next, k_next, v_next = extra_key_rows(0, rows, row_ok, OFFSETS, num_offsets, num_random, window,
-                                                 query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
-                                                 HEAD_DIM, BLOCK_D)
-    for j in range(num_offsets + num_random):
-        if PREFETCH:
-            ok, k_rows, v_rows = ok_next, k_next, v_next
-            ok_next, k_next, v_next = extra_key_rows(j + 1, rows, row_ok, OFFSETS, num_offsets, num_random, window,
-                                                     query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
-                                                     HEAD_DIM, BLOCK_D)
-        else:
-            ok, k_rows, v_rows = extra_key_rows(j, rows, row_ok, OFFSETS, num_offsets, num_random, window,
-                                                query_hash, span, k_base, stride_kn, v_base, stride_vn, offs_d,
-                                                HEAD_DIM, BLOCK_D)
+    for slot in range(num_random):
+        pos, ok = random_column(slot, rows, row_ok, OFFSETS, num_offsets, window, query_hash, span)
+        k_rows = load_rows(k_base, pos, stride_kn, ok, offs_d, HEAD_DIM, BLOCK_D)
+        v_rows = load_rows(v_base, pos, stride_vn, ok, offs_d, HEAD_DIM, BLOCK_D)
         s = tl.where(ok, tl.sum(q_f32 * k_rows.to(tl.float32), 1) * qk_scale, float("-inf"))
         m_i, l_i, alpha, p = online_softmax_column(s, m_i, l_i)
         acc = acc * alpha[:, None] + p[:, None] * v_rows.to(tl.float32)

@@ -25,26 +25,26 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 
-# (block_m, block_n, num_warps, num_stages, prefetch) per (kernel, block_d, dtype); benchmarks override.
-TILE_OVERRIDES: dict[tuple[str, int, torch.dtype], tuple[int, int, int, int, bool]] = {}
+# (block, num_warps, num_stages) per (kernel, block_d, dtype); benchmarks override.
+TILE_OVERRIDES: dict[tuple[str, int, torch.dtype], tuple[int, int, int]] = {}
 
 
-def tile_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    """(block_m, block_n, num_warps, num_stages, prefetch) for kernel 'fwd', 'dq' or 'dkv'.
-
-    prefetch: load the next extra column's gathered rows while the current one is used (more loads in
-    flight, more registers).
-    """
+def tile_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(block, num_warps, num_stages) for kernel 'fwd', 'dq' or 'dkv'. Tiles are square (block x block):
+    a dilated band is a query tile shifted by the offset. num_stages > 1 keeps that many bands' loads
+    in flight."""
     override = TILE_OVERRIDES.get((kernel, block_d, dtype))
     if override is not None:
         return override
     if device.type != "cuda":  # interpreter: small tiles, so short test sequences still span several
-        return 16, 16, 1, 1, True
+        return 16, 1, 1
     if dtype == torch.float32:
-        return 32, 32, 4, 1, False
+        return 32, 4, 2
+    # the winners of benchmarks/attention.py --sweep on an H100 at N=65,536: many small programs hide the
+    # latency of the shifted band loads better than fewer large ones
     if kernel == "fwd":
-        return (32, 32, 2, 2, False) if block_d <= 64 else (32, 32, 4, 2, False)
-    return (32, 32, 2, 1, False) if block_d <= 64 else (32, 32, 4, 1, False)
+        return 16, 1, 3
+    return (16, 1, 2) if block_d <= 64 else (16, 2, 3)
 
 
 def _check_inputs(q, k, v, global_k, global_v) -> None:
@@ -149,14 +149,13 @@ def _forward(q, k, v, global_k, global_v, window, offsets, num_random, key):
         return out, lse
     gk, gv = (global_k.contiguous(), global_v.contiguous()) if g else (q, q)
     block_d = _block_d(d)
-    block_m, block_n, warps, stages, prefetch = tile_config("fwd", block_d, q.dtype, q.device)
-    grid = (triton.cdiv(n, block_m) * (h // kv), b * kv)
+    block, warps, stages = tile_config("fwd", block_d, q.dtype, q.device)
+    grid = (triton.cdiv(n, block) * (h // kv), b * kv)
     halo_fwd_kernel[grid](
         q, k, v, gk, gv, _offsets_tensor(tuple(offsets), q.device), out, lse,
         *_strides(q), *_strides(k), *_strides(v),
         n, h, kv, window, len(offsets), g, num_random, key, d**-0.5 * LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=_block_g(g),
-        PREFETCH=prefetch, **_mma_args(q.dtype),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_G=_block_g(g), **_mma_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -179,9 +178,8 @@ def _backward(dout, q, k, v, global_k, global_v, out, lse, window, offsets, num_
     scale = d**-0.5
     offsets_t = _offsets_tensor(tuple(offsets), q.device)
 
-    block_m, block_n, warps, stages, prefetch = tile_config("dq", block_d, q.dtype, q.device)
-    dq_blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_G": _block_g(g), "PREFETCH": prefetch}
-    q_tiles = triton.cdiv(n, block_m)
+    block, warps, stages = tile_config("dq", block_d, q.dtype, q.device)
+    q_tiles = triton.cdiv(n, block)
     dgk_part = torch.empty((b, h, q_tiles, g, d), dtype=torch.float32, device=q.device)
     dgv_part = torch.empty_like(dgk_part)
     gk, gv = (global_k.contiguous(), global_v.contiguous()) if g else (q, q)
@@ -189,17 +187,17 @@ def _backward(dout, q, k, v, global_k, global_v, out, lse, window, offsets, num_
         q, k, v, gk, gv, offsets_t, out, dout, lse, delta, dq, dgk_part, dgv_part,
         *_strides(q), *_strides(k), *_strides(v),
         n, h, kv, window, len(offsets), g, num_random, key, scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_D=block_d, **dq_blocks, **mma_args,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_G=_block_g(g), **mma_args,
         num_warps=warps, num_stages=stages,
     )
 
     random_start, random_query = random_inverse(n, window, tuple(offsets), num_random, key, q.device)
-    block_m, block_n, warps, stages, prefetch = tile_config("dkv", block_d, q.dtype, q.device)
-    halo_bwd_dkv_kernel[(triton.cdiv(n, block_n), b * kv)](
+    block, warps, stages = tile_config("dkv", block_d, q.dtype, q.device)
+    halo_bwd_dkv_kernel[(triton.cdiv(n, block), b * kv)](
         q, k, v, dout, lse, delta, offsets_t, random_start, random_query, dk, dv,
         *_strides(q), *_strides(k), *_strides(v),
         n, h, kv, window, len(offsets), scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PREFETCH=prefetch, **mma_args,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, **mma_args,
         num_warps=warps, num_stages=stages,
     )
     # fixed-order sums over batch and query tiles, then over the heads sharing a KV head
