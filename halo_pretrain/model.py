@@ -167,11 +167,14 @@ class HaloSModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True):
         """With return_logits=False (training), the loss is computed in chunks of tokens whose fp32 logits
-        are recomputed in the backward, so [B, N, vocab] logits are never held; returns (None, loss)."""
+        are recomputed in the backward, so [B, N, vocab] fp32 logits are never held (under torch.compile,
+        one fused cross-entropy does the same); returns (None, loss)."""
         h = self.hidden_states(input_ids)
         if labels is None:
             return self.lm_head(h)
         if not return_logits:
+            if torch.compiler.is_compiling():  # inductor fuses the loss into one pass: no fp32 logits either
+                return None, self._loss_sum(h.flatten(0, 1), labels.flatten()) / (labels != -100).sum().clamp(min=1)
             return None, self.chunked_loss(h, labels)
         logits = self.lm_head(h)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -79,7 +79,7 @@ class TrainSection(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     grad_clip: float = Field(default=1.0, ge=0)  # 0: no clipping
     activation_checkpointing: int = Field(default=0, ge=0)  # 0 none, 1 every layer, k every k-th layer
-    compile: bool = False  # torch.compile each block (fuses norms, RoPE, SwiGLU); ZeRO 0-2
+    compile: bool = False  # torch.compile the model and loss as one graph (block by block with act. ckpt); ZeRO 0-2
     max_nonfinite_steps: int = Field(default=10, ge=0)  # stop (exit 3) once more steps than this were skipped
     peak_tflops: Optional[float] = Field(default=None, gt=0)  # per device, for MFU; None: known GPUs only
 
