@@ -118,7 +118,7 @@ def quality(args) -> None:
     rows = []
     for attention in args.attention:
         run_dir = out / "runs" / f"quality-{attention}"
-        overrides = model_overrides(attention, 4096, 1) + [
+        overrides = model_overrides(attention, 4096, 0) + [
             f"data.path={args.data}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
             "train.global_batch_size=null", f"train.steps={args.steps}", f"eval.interval={args.steps // 4}",
             "eval.samples=128", f"optim.warmup_steps={max(1, args.steps // 20)}", "optim.lr=1e-3", "optim.min_lr=1e-4"]
