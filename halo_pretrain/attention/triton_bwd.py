@@ -1,6 +1,6 @@
 """HALO-S attention backward: two deterministic kernels, no atomics.
 
-`halo_bwd_dq_kernel`, one program per (query tile, pack of heads), walks the same keys as the forward and writes
+`halo_bwd_dq_kernel`, one program per (query tile, head), walks the same keys as the forward and writes
 dQ, delta = rowsum(dO * O), and each tile's partial dGlobalK / dGlobalV (summed in a fixed order on the
 host). `halo_bwd_dkv_kernel`, one program per (key tile, KV head), owns its dK / dV rows and enumerates
 every query that reads them, for all heads of the GQA group: the window's query tiles and one shifted
@@ -15,7 +15,7 @@ dV = Pᵀ dO. The kernels keep `scale` out of dS and apply it when storing.
 import triton
 import triton.language as tl
 
-from .triton_common import band_distance, in_band, load_cols, load_rows, mix32, mma, query_rows, random_column
+from .triton_common import band_distance, in_band, load_cols, load_rows, mix32, mma, random_column
 
 
 @triton.jit(do_not_specialize=["key"])
@@ -26,33 +26,35 @@ def halo_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, num_globals, num_random, key, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
-    HEADS: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
-    packs = tl.cdiv(group, HEADS)
-    q_tile = tl.program_id(0) // packs
-    pack = tl.program_id(0) % packs
+    pid = tl.program_id(0)
+    head_in_group = pid % group
+    q_tile = pid // group
     batch = tl.program_id(1) // KV
     kv_head = tl.program_id(1) % KV
-    rows, head_in_group, row_ok = query_rows(q_tile, pack, group, N, HEADS, BLOCK)
-    head = (kv_head * group + head_in_group).to(tl.int64)
-    bh_rows = (batch * H + head) * N + rows  # row index into O, dO, dQ (times HEAD_DIM), LSE and delta
+    head = kv_head * group + head_in_group
+    bh = (batch * H + head).to(tl.int64)
 
-    q_start = q_tile * BLOCK
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    q_start = q_tile * BLOCK
+    rows = q_start + tl.arange(0, BLOCK)
+    row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + batch.to(tl.int64) * stride_qb, head * stride_qh + rows * stride_qn, 1, row_ok, offs_d,
-                  HEAD_DIM, BLOCK_D)
-    do = load_rows(DO, bh_rows, HEAD_DIM, row_ok, offs_d, HEAD_DIM, BLOCK_D)
-    o = load_rows(O, bh_rows, HEAD_DIM, row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    q = load_rows(q_base, rows, stride_qn, row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    do = load_rows(DO + bh * N * HEAD_DIM, rows, HEAD_DIM, row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    o = load_rows(O + bh * N * HEAD_DIM, rows, HEAD_DIM, row_ok, offs_d, HEAD_DIM, BLOCK_D)
     do_f32 = do.to(tl.float32)
     delta = tl.sum(do_f32 * o.to(tl.float32), 1)
-    tl.store(DELTA + bh_rows, delta, mask=row_ok)
+    tl.store(DELTA + bh * N + rows, delta, mask=row_ok)
     # +inf makes every probability of a padded row zero
-    lse = tl.load(LSE + bh_rows, mask=row_ok, other=float("inf"))
+    lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=float("inf"))
 
-    dq = tl.zeros([HEADS * BLOCK, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     window_lo = tl.maximum(q_start - window + 1, 0) // BLOCK * BLOCK
     num_window_tiles = tl.cdiv(tl.minimum(q_start + BLOCK, N) - window_lo, BLOCK)
     for t in range(num_window_tiles + num_offsets):  # key bands, as in the forward
@@ -67,9 +69,9 @@ def halo_bwd_dq_kernel(
         ds = p * (mma(do, v_t, MMA_DTYPE, DOT_PRECISION) - delta[:, None])
         dq += mma(ds.to(k_t.dtype), tl.trans(k_t), MMA_DTYPE, DOT_PRECISION)
 
-    # global slots: dQ, and this program's [G, D] share of dGlobalK / dGlobalV (summed over its heads)
-    num_q_tiles = tl.num_programs(0) // packs
-    part = (((batch * KV + kv_head) * packs + pack) * num_q_tiles + q_tile).to(tl.int64) * num_globals * HEAD_DIM
+    # global slots: dQ, and this tile's [G, D] share of dGlobalK / dGlobalV
+    num_q_tiles = tl.num_programs(0) // group
+    part = (bh * num_q_tiles + q_tile) * num_globals * HEAD_DIM
     for g0 in range(0, num_globals, BLOCK_G):
         slots = g0 + tl.arange(0, BLOCK_G)
         slot_ok = slots < num_globals
@@ -100,7 +102,7 @@ def halo_bwd_dq_kernel(
         ds = p * (tl.sum(do_f32 * v_rows, 1) - delta)
         dq += ds[:, None] * k_rows
 
-    dq_ptrs = DQ + bh_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    dq_ptrs = DQ + bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 

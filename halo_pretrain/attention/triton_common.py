@@ -29,17 +29,6 @@ def random_target(query_hash, slot, span):
 
 
 @triton.jit
-def query_rows(q_tile, pack, group, N, HEADS: tl.constexpr, BLOCK: tl.constexpr):
-    """A program's query rows: HEADS heads of one GQA group (the pack-th HEADS of it) times BLOCK positions
-    from q_tile * BLOCK, head-major. Returns (position, head within the group, valid) per row. Heads of a
-    group read the same keys, so packing them lets each loaded K/V tile serve HEADS heads."""
-    r = tl.arange(0, HEADS * BLOCK)
-    pos = q_tile * BLOCK + r % BLOCK
-    head_in_group = pack * HEADS + r // BLOCK
-    return pos, head_in_group, (pos < N) & (head_in_group < group)
-
-
-@triton.jit
 def band_distance(t, num_window_tiles, OFFSETS):
     """Distance of band t: 0 for the window's key tiles (t < num_window_tiles), else dilated offset
     t - num_window_tiles."""

@@ -1,5 +1,4 @@
-"""HALO-S attention forward: one program per (query tile, pack of HEADS heads of a GQA group); online
-softmax over the neighbour set.
+"""HALO-S attention forward: one program per (query tile, head); online softmax over the neighbour set.
 
 Per tile: the key bands (the local window's tiles, then one shifted tile per dilated offset, masked to
 its diagonal) on the tensor cores in one pipelined loop; the global slots as one tensor-core tile; then
@@ -11,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    band_distance, in_band, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column, query_rows,
+    band_distance, in_band, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column,
     random_column,
 )
 
@@ -24,26 +23,29 @@ def halo_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     N, H, KV, window, num_offsets, num_globals, num_random, key, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
-    HEADS: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     group = H // KV
-    packs = tl.cdiv(group, HEADS)
-    q_tile = tl.program_id(0) // packs
+    pid = tl.program_id(0)
+    head_in_group = pid % group
+    q_tile = pid // group
     batch = tl.program_id(1) // KV
     kv_head = tl.program_id(1) % KV
-    rows, head_in_group, row_ok = query_rows(q_tile, tl.program_id(0) % packs, group, N, HEADS, BLOCK)
-    head = (kv_head * group + head_in_group).to(tl.int64)
+    head = kv_head * group + head_in_group
 
-    q_start = q_tile * BLOCK
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + batch.to(tl.int64) * stride_qb, head * stride_qh + rows * stride_qn, 1, row_ok, offs_d,
-                  HEAD_DIM, BLOCK_D)
 
-    m_i = tl.full([HEADS * BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([HEADS * BLOCK], tl.float32)
-    acc = tl.zeros([HEADS * BLOCK, BLOCK_D], tl.float32)
+    q_start = q_tile * BLOCK
+    rows = q_start + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(q_base, rows, stride_qn, row_ok, offs_d, HEAD_DIM, BLOCK_D)
+
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
     # key bands: window tiles covering q_start-W+1 .. q_start+BLOCK-1, then rows - d per dilated offset d
     window_lo = tl.maximum(q_start - window + 1, 0) // BLOCK * BLOCK
@@ -86,11 +88,11 @@ def halo_fwd_kernel(
     # every real row holds at least its own key, so l_i > 0 there; padded rows are not stored
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    bh_rows = (batch * H + head) * N + rows
-    o_ptrs = O + bh_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    o_base = O + (batch * H + head).to(tl.int64) * N * HEAD_DIM
+    o_ptrs = o_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
     if HEAD_DIM == BLOCK_D:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     lse = m_i + tl.math.log2(l_safe)
-    tl.store(LSE + bh_rows, lse, mask=row_ok)
+    tl.store(LSE + (batch * H + head).to(tl.int64) * N + rows, lse, mask=row_ok)

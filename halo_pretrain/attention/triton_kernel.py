@@ -25,33 +25,26 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 
-# (block, num_warps, num_stages, heads) per (kernel, block_d, dtype); benchmarks override.
-TILE_OVERRIDES: dict[tuple[str, int, torch.dtype], tuple[int, int, int, int]] = {}
+# (block, num_warps, num_stages) per (kernel, block_d, dtype); benchmarks override.
+TILE_OVERRIDES: dict[tuple[str, int, torch.dtype], tuple[int, int, int]] = {}
 
 
-def tile_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device,
-                group: int = 1) -> tuple[int, int, int, int]:
-    """(block, num_warps, num_stages, heads) for kernel 'fwd', 'dq' or 'dkv' and `group` query heads per KV
-    head. Tiles are square (block x block): a dilated band is a query tile shifted by the offset.
-    num_stages > 1 keeps that many bands' loads in flight. The forward and dQ kernels carry `heads` heads of
-    a group per program (a power of two, at most the group rounded up), so each K/V tile loaded serves all of
-    them; dK/dV programs always loop over their group's heads."""
-    whole_group = triton.next_power_of_2(group)
+def tile_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(block, num_warps, num_stages) for kernel 'fwd', 'dq' or 'dkv'. Tiles are square (block x block):
+    a dilated band is a query tile shifted by the offset. num_stages > 1 keeps that many bands' loads
+    in flight."""
     override = TILE_OVERRIDES.get((kernel, block_d, dtype))
     if override is not None:
-        block, warps, stages, heads = override
-        return block, warps, stages, min(heads, whole_group)
+        return override
     if device.type != "cuda":  # interpreter: small tiles, so short test sequences still span several
-        return 16, 1, 1, whole_group
+        return 16, 1, 1
     if dtype == torch.float32:
-        return 32, 4, 2, 1
+        return 32, 4, 2
     # the winners of benchmarks/attention.py --sweep on an H100 at N=65,536: many small programs hide the
     # latency of the shifted band loads better than fewer large ones
     if kernel == "fwd":
-        return 16, min(4, whole_group), 3, whole_group
-    if kernel == "dq":
-        return (16, min(4, whole_group), 2, whole_group) if block_d <= 64 else (16, min(4, 2 * whole_group), 3, whole_group)
-    return (16, 1, 2, 1) if block_d <= 64 else (16, 2, 3, 1)
+        return 16, 1, 3
+    return (16, 1, 2) if block_d <= 64 else (16, 2, 3)
 
 
 def _check_inputs(q, k, v, global_k, global_v) -> None:
@@ -156,13 +149,13 @@ def _forward(q, k, v, global_k, global_v, window, offsets, num_random, key):
         return out, lse
     gk, gv = (global_k.contiguous(), global_v.contiguous()) if g else (q, q)
     block_d = _block_d(d)
-    block, warps, stages, heads = tile_config("fwd", block_d, q.dtype, q.device, h // kv)
-    grid = (triton.cdiv(n, block) * triton.cdiv(h // kv, heads), b * kv)
+    block, warps, stages = tile_config("fwd", block_d, q.dtype, q.device)
+    grid = (triton.cdiv(n, block) * (h // kv), b * kv)
     halo_fwd_kernel[grid](
         q, k, v, gk, gv, _offsets_tensor(tuple(offsets), q.device), out, lse,
         *_strides(q), *_strides(k), *_strides(v),
         n, h, kv, window, len(offsets), g, num_random, key, d**-0.5 * LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_G=_block_g(g), HEADS=heads, **_mma_args(q.dtype),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_G=_block_g(g), **_mma_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -185,21 +178,21 @@ def _backward(dout, q, k, v, global_k, global_v, out, lse, window, offsets, num_
     scale = d**-0.5
     offsets_t = _offsets_tensor(tuple(offsets), q.device)
 
-    block, warps, stages, heads = tile_config("dq", block_d, q.dtype, q.device, group)
-    q_tiles, packs = triton.cdiv(n, block), triton.cdiv(group, heads)
-    dgk_part = torch.empty((b, kv, packs, q_tiles, g, d), dtype=torch.float32, device=q.device)
+    block, warps, stages = tile_config("dq", block_d, q.dtype, q.device)
+    q_tiles = triton.cdiv(n, block)
+    dgk_part = torch.empty((b, h, q_tiles, g, d), dtype=torch.float32, device=q.device)
     dgv_part = torch.empty_like(dgk_part)
     gk, gv = (global_k.contiguous(), global_v.contiguous()) if g else (q, q)
-    halo_bwd_dq_kernel[(q_tiles * packs, b * kv)](
+    halo_bwd_dq_kernel[(q_tiles * group, b * kv)](
         q, k, v, gk, gv, offsets_t, out, dout, lse, delta, dq, dgk_part, dgv_part,
         *_strides(q), *_strides(k), *_strides(v),
         n, h, kv, window, len(offsets), g, num_random, key, scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_G=_block_g(g), HEADS=heads, **mma_args,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_G=_block_g(g), **mma_args,
         num_warps=warps, num_stages=stages,
     )
 
     random_start, random_query = random_inverse(n, window, tuple(offsets), num_random, key, q.device)
-    block, warps, stages, _ = tile_config("dkv", block_d, q.dtype, q.device, group)
+    block, warps, stages = tile_config("dkv", block_d, q.dtype, q.device)
     halo_bwd_dkv_kernel[(triton.cdiv(n, block), b * kv)](
         q, k, v, dout, lse, delta, offsets_t, random_start, random_query, dk, dv,
         *_strides(q), *_strides(k), *_strides(v),
@@ -207,9 +200,9 @@ def _backward(dout, q, k, v, global_k, global_v, out, lse, window, offsets, num_
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, **mma_args,
         num_warps=warps, num_stages=stages,
     )
-    # fixed-order sums over batch, head packs and query tiles
-    dgk = dgk_part.sum((0, 2, 3)) * scale
-    dgv = dgv_part.sum((0, 2, 3))
+    # fixed-order sums over batch and query tiles, then over the heads sharing a KV head
+    dgk = (dgk_part.sum((0, 2)) * scale).view(kv, group, g, d).sum(1)
+    dgv = dgv_part.sum((0, 2)).view(kv, group, g, d).sum(1)
     return dq, dk, dv, dgk.to(global_k.dtype), dgv.to(global_v.dtype)
 
 
