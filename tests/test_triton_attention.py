@@ -94,6 +94,7 @@ FP32_CASES = {
     "shorter_than_window": (dict(h=2, kv=1, g=2, w=32, offsets=(40,), r=2), 19, 1),
     "single_token": (dict(h=2, kv=1, g=2, w=8, r=2), 1, 2),
     "head_dim_24_padded": (dict(h=2, kv=1, d=24, g=2, w=6, offsets=(6, 13), r=2), 50, 1),
+    "gqa3_batch2": (dict(h=6, kv=2, g=2, w=8, offsets=(9, 20), r=2), 70, 2),
 }
 
 
