@@ -127,6 +127,15 @@ class LoggingSection(_Section):
     wandb_entity: Optional[str] = None
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
     tensorboard: bool = False
+    profile_steps: Optional[list[int]] = None  # [first, last]: torch.profiler over these steps -> RUN_DIR/profile/
+
+    @model_validator(mode="after")
+    def _profile_steps_are_a_range(self):
+        steps = self.profile_steps
+        if steps is not None and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ValueError(f"logging.profile_steps={steps}: give [first, last] with 1 <= first <= last, "
+                             "e.g. [5, 7]")
+        return self
 
 
 class DebugSection(_Section):

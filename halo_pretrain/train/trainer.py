@@ -15,6 +15,7 @@ from . import distributed
 from .checkpoint import CheckpointError, Checkpointer, TrainerState, check_same_shape, seed_all
 from .engine import BatchPlan, batch_plan, build_engine
 from .metrics import MetricsLogger, check_logging_packages, memory_gb, peak_flops, truncate_metrics
+from .profiling import StepProfiler
 from .run_config import ConfigError, RunConfig
 from .schedule import learning_rate
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopRequest
@@ -69,6 +70,7 @@ class Trainer:
         self.loader = TrainLoader(self.train_stream, self.plan.micro_batch_size, info.rank, info.world_size)
         self.peak = peak_flops(cfg.train.peak_tflops)
         self.warned_no_eval = False
+        self.profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, info.rank, self.device)
 
     def say(self, message: str) -> None:
         if self.info.is_main:
@@ -179,10 +181,12 @@ class Trainer:
                                warmup_steps=o.warmup_steps, schedule=o.schedule, decay_fraction=o.decay_fraction)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            self.profiler.before_step(state.step + 1)
             t0 = time.perf_counter()
             loss, nonfinite, stop_requested, grad_norm = self.train_step(state, stop)
             seconds = time.perf_counter() - t0
             state.step += 1
+            self.profiler.after_step(state.step)
             state.consumed_samples += plan.global_batch_size
             state.tokens += tokens_per_step
             state.nonfinite_steps += nonfinite
