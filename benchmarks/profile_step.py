@@ -19,6 +19,7 @@ import torch
 import torch.utils.checkpoint
 
 from halo_pretrain import get_preset
+from halo_pretrain.attention import get_attention_fn, resolve_backend
 from halo_pretrain.model import HaloSModel
 
 CATEGORIES = [  # first match wins
@@ -48,6 +49,7 @@ def profile(attention: str, seq_len: int, micro_batch: int, checkpointing: bool,
             block, x, cos, sin, backend, use_reentrant=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, 257, (micro_batch, seq_len + 1), device="cuda")
+    get_attention_fn(resolve_backend(config.attention, "cuda"))  # loaded before tracing, as train.compile does
     forward = model
     if compile == "blocks":
         for block in model.blocks:

@@ -143,8 +143,7 @@ class HaloSModel(nn.Module):
                 f"sequence length {n} exceeds HaloConfig.max_seq_len={self.config.max_seq_len}; "
                 "raise max_seq_len (the default dilated offsets grow with it) or shorten the input"
             )
-        lo, hi = torch.aminmax(input_ids)
-        lo, hi = int(lo), int(hi)
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync (and one graph break)
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(

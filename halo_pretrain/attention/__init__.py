@@ -35,7 +35,7 @@ def triton_usable(device: torch.device) -> bool:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
-        _triton()
+        get_attention_fn("triton")
     except ValueError:
         return False
     return True
@@ -54,7 +54,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
             "(or TRITON_INTERPRET=1 for slow CPU checks); use 'gather' or 'auto' on CPU"
         )
     if name == "flex":
-        _flex()
+        get_attention_fn("flex")
         if device.type != "cuda" and torch.is_grad_enabled():
             raise ValueError(
                 f"HaloConfig.attention='flex' cannot train on device {device}: FlexAttention has no CPU "
@@ -63,13 +63,19 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+_LOADERS = {"reference": lambda: reference_attention, "gather": lambda: gather_attention,
+            "dense": lambda: dense_attention, "flex": _flex, "triton": _triton}
+_loaded: dict = {}  # backend name -> function: torch.compile reads the dict, where an import would break the graph
+
+
 def get_attention_fn(name: str):
     """The function for a concrete backend name (not 'auto': resolve it first)."""
-    table = {"reference": lambda: reference_attention, "gather": lambda: gather_attention,
-             "dense": lambda: dense_attention, "flex": _flex, "triton": _triton}
-    if name not in table:
-        raise ValueError(f"HaloConfig.attention={name!r}: not a concrete backend ({', '.join(table)})")
-    return table[name]()
+    fn = _loaded.get(name)
+    if fn is None:
+        if name not in _LOADERS:
+            raise ValueError(f"HaloConfig.attention={name!r}: not a concrete backend ({', '.join(_LOADERS)})")
+        fn = _loaded[name] = _LOADERS[name]()
+    return fn
 
 
 def halo_attention(q, k, v, global_k, global_v, config: HaloConfig, layer: int, backend: str | None = None):

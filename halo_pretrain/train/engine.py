@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import get_attention_fn, resolve_backend
 from .optim import build_optimizer
 from .run_config import ConfigError, RunConfig
 
@@ -110,11 +111,13 @@ def set_activation_checkpointing(model, every_k: int) -> None:
     model.block_runner = run_block
 
 
-def compile_model(model: torch.nn.Module, activation_checkpointing: int) -> None:
+def compile_model(model: torch.nn.Module, activation_checkpointing: int, device: torch.device) -> None:
     """torch.compile the whole model with its loss as one graph (norms, RoPE, SwiGLU and cross-entropy
     fused; 154 vs 222 ms per 65k-token step against compiling block by block on an H100,
     docs/benchmarks.md). With activation checkpointing, block by block: DeepSpeed's checkpoint function
-    stays outside the compiled graphs."""
+    stays outside the compiled graphs. The attention backend is loaded first: an import inside the
+    traced forward would split the graph at every layer."""
+    get_attention_fn(resolve_backend(model.config.attention, device))
     if activation_checkpointing > 0:
         for block in model.blocks:  # the blocks are identical: one compiled graph, reused
             block.compile()
@@ -122,7 +125,8 @@ def compile_model(model: torch.nn.Module, activation_checkpointing: int) -> None
         model.compile()
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, universal: bool = False):
+def build_engine(cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, device: torch.device,
+                 universal: bool = False):
     """(engine, our optimizer, DeepSpeed config) from deepspeed.initialize; the process group must exist.
     universal: the checkpoint to resume is loaded through DeepSpeed's universal format (resharding)."""
     import deepspeed
@@ -134,7 +138,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, univer
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile:
-        compile_model(model, cfg.train.activation_checkpointing)
+        compile_model(model, cfg.train.activation_checkpointing, device)
     o = cfg.optim
     optimizer = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -66,7 +66,7 @@ class Trainer:
         if self.universal:
             self.say(f"resuming a checkpoint of world size {previous.world_size}, ZeRO-{previous.zero_stage} on world "
                      f"size {info.world_size}, ZeRO-{cfg.deepspeed.zero_stage}: its partitioned state is resharded")
-        self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan, universal=self.universal)
+        self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan, self.device, universal=self.universal)
         self.loader = TrainLoader(self.train_stream, self.plan.micro_batch_size, info.rank, info.world_size)
         self.peak = peak_flops(cfg.train.peak_tflops)
         self.warned_no_eval = False
