@@ -37,6 +37,7 @@ def make_norm(config: HaloConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
 
 
+@torch.compiler.disable  # computed once per forward: traced, inductor recomputed cos/sin inside every layer's RoPE
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]  # [N, D/2]
