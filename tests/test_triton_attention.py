@@ -9,7 +9,7 @@ import os
 import sys
 import zlib
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated: triton reads it at @triton.jit
+os.environ["TRITON_INTERPRET"] = "1"  # conftest.py sets it first: triton reads it when first imported
 
 import pytest
 import torch
