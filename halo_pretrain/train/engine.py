@@ -113,7 +113,7 @@ def set_activation_checkpointing(model, every_k: int) -> None:
 
 def compile_model(model: torch.nn.Module, activation_checkpointing: int, device: torch.device) -> None:
     """torch.compile the whole model with its loss as one graph (norms, RoPE, SwiGLU and cross-entropy
-    fused; 154 vs 222 ms per 65k-token step against compiling block by block on an H100,
+    fused; 127 vs 222 ms per 65k-token step against compiling block by block on an H100,
     docs/benchmarks.md). With activation checkpointing, block by block: DeepSpeed's checkpoint function
     stays outside the compiled graphs. The attention backend is loaded first: an import inside the
     traced forward would split the graph at every layer."""
