@@ -152,12 +152,9 @@ class HaloSModel(nn.Module):
                 f"(HaloConfig.vocab_size={self.config.vocab_size}): the data and the model disagree"
             )
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self.check_input(input_ids)
-        n = input_ids.shape[1]
+    def hidden_states(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
         backend = resolve_backend(self.config.attention, x.device)
-        cos, sin = rope_tables(torch.arange(n, device=x.device), self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.blocks:
             if self.block_runner is not None:
                 x = self.block_runner(block, x, cos, sin, backend)
@@ -169,7 +166,11 @@ class HaloSModel(nn.Module):
         """With return_logits=False (training), the loss is computed in chunks of tokens whose fp32 logits
         are recomputed in the backward, so [B, N, vocab] fp32 logits are never held (under torch.compile,
         one fused cross-entropy does the same); returns (None, loss)."""
-        h = self.hidden_states(input_ids)
+        # the two steps torch.compile leaves out of its graph come first, so the rest is one graph
+        self.check_input(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, self.embed.weight.dtype)
+        h = self.hidden_states(input_ids, cos, sin)
         if labels is None:
             return self.lm_head(h)
         if not return_logits:

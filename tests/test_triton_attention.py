@@ -249,6 +249,28 @@ def test_activation_checkpointing_recomputes_identically():
     assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
 
 
+@pytest.mark.parametrize("layers", [2, 4])
+def test_compiled_model_is_one_graph_whatever_the_depth(layers):
+    """The whole model and its loss trace as one main graph: no break per layer (an import inside the forward
+    once split the Triton path at every layer), and RoPE's cos/sin stay outside it (inductor fused them
+    into every layer's RoPE kernel). The only breaks: check_input's host sync and the RoPE tables."""
+    from halo_pretrain.attention import get_attention_fn
+    from halo_pretrain.model import HaloSModel
+
+    config = HaloConfig(hidden_size=32, num_layers=layers, num_heads=2, num_kv_heads=1, num_globals=2,
+                        local_window=8, max_seq_len=64, vocab_size=97, attention="triton")
+    model = HaloSModel(config)
+    get_attention_fn(resolve_backend("triton", "cpu"))  # as train.compile does before compiling
+    x = torch.randint(0, 97, (1, 41))
+    explained = torch._dynamo.explain(model)(x[:, :-1], labels=x[:, 1:], return_logits=False)
+    assert explained.graph_break_count == 2, [b.reason for b in explained.break_reasons]
+    main = max(explained.graphs, key=lambda g: len(g.graph.nodes))
+    calls = [str(n.target) for n in main.graph.nodes if n.op in ("call_function", "call_method")]
+    assert sum("halo_pretrain.attention" in c for c in calls) == layers
+    assert not any(c.endswith("cos") or c.endswith("sin") for c in calls)
+    assert any("cross_entropy" in c for c in calls)
+
+
 def test_bad_inputs_raise_value_errors(monkeypatch):
     config = make_config(h=2, kv=1, d=16, g=1)
     q, k, v, gk, gv = [t.detach().float() for t in make_inputs(config, 20)[0]]
