@@ -37,6 +37,22 @@ def band_distance(t, num_window_tiles, OFFSETS):
 
 
 @triton.jit
+def window_key_tiles(q_start, window, N, BLOCK: tl.constexpr):
+    """(first key, number of key tiles) covering the window of the query tile at q_start:
+    keys q_start-W+1 .. q_start+BLOCK-1, tile-aligned."""
+    window_lo = tl.maximum(q_start - window + 1, 0) // BLOCK * BLOCK
+    return window_lo, tl.cdiv(tl.minimum(q_start + BLOCK, N) - window_lo, BLOCK)
+
+
+@triton.jit
+def key_band(t, num_window_tiles, window_lo, q_start, OFFSETS, BLOCK: tl.constexpr):
+    """(key positions [BLOCK], distance) of band t of the query tile at q_start: the window's key tile
+    window_lo + t * BLOCK (distance 0), or rows - d for dilated offset d."""
+    dist = band_distance(t, num_window_tiles, OFFSETS)
+    return tl.where(dist == 0, window_lo + t * BLOCK, q_start - dist) + tl.arange(0, BLOCK), dist
+
+
+@triton.jit
 def in_band(gap, dist, window):
     """Which pairs of a band, at distances gap = q - k, are in the neighbour set. Window band (dist 0):
     0 <= gap < W. Dilated band: gap = dist, counted only when dist >= W (a shorter offset is a window

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    band_distance, in_band, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column,
-    random_column,
+    in_band, key_band, load_cols, load_rows, mix32, mma, online_softmax, online_softmax_column, random_column,
+    window_key_tiles,
 )
 
 
@@ -48,11 +48,9 @@ def halo_fwd_kernel(
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
 
     # key bands: window tiles covering q_start-W+1 .. q_start+BLOCK-1, then rows - d per dilated offset d
-    window_lo = tl.maximum(q_start - window + 1, 0) // BLOCK * BLOCK
-    num_window_tiles = tl.cdiv(tl.minimum(q_start + BLOCK, N) - window_lo, BLOCK)
+    window_lo, num_window_tiles = window_key_tiles(q_start, window, N, BLOCK)
     for t in range(num_window_tiles + num_offsets):
-        dist = band_distance(t, num_window_tiles, OFFSETS)
-        cols = tl.where(dist == 0, window_lo + t * BLOCK, q_start - dist) + tl.arange(0, BLOCK)
+        cols, dist = key_band(t, num_window_tiles, window_lo, q_start, OFFSETS, BLOCK)
         col_ok = (cols >= 0) & (cols < N)
         k_t = load_cols(k_base, cols, stride_kn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
         v = load_rows(v_base, cols, stride_vn, col_ok, offs_d, HEAD_DIM, BLOCK_D)
