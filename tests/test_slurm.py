@@ -185,16 +185,28 @@ def test_no_free_port_in_the_job_range_is_named_in_the_job_log(slurm_cluster, tr
 
 
 def test_job_requeued_beyond_its_bound_does_not_start(slurm_cluster, train_data, tmp_path):
-    """Requeued by Slurm itself (as after a node failure), more often than HALO_MAX_REQUEUES allows."""
+    """Requeued by Slurm itself (as after a node failure) while it reads its config, more often than
+    HALO_MAX_REQUEUES allows: the cut-short check is not blamed on the config, and the restart is refused."""
     config = run_config(tmp_path, "run", train_data)
-    job = submit(slurm_cluster, config, tmp_path, HALO_MAX_REQUEUES="0")
-    slurm_cluster.wait(job, timeout=60, until=lambda j: j["JobState"] == "RUNNING")
+    checking = tmp_path / "config-check-started"
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text(f'#!/bin/bash\ntouch {checking}\nsleep 60\nexec python3 "$@"\n')
+    slow_python.chmod(0o755)
+    job = submit(slurm_cluster, config, tmp_path, HALO_MAX_REQUEUES="0", HALO_PYTHON=str(slow_python))
+    deadline = time.time() + 60
+    while not checking.exists():
+        assert time.time() < deadline, slurm_cluster.job(job)
+        time.sleep(0.2)
     slurm_cluster.run(["scontrol", "requeue", job])
     info = slurm_cluster.wait(job, until=lambda j: j["Restarts"] == "1" and j["JobState"] == "FAILED")
     log = job_log(tmp_path, job)
+    first, restarted, second = log.partition("restart 1 of at most 0")
+    assert restarted, log
+    assert "during the checks (the one that failed was cut short); nothing was started" in first, log
+    assert "fix the config" not in first, log
     assert info["ExitCode"] == "75:0", log
-    assert "this job was requeued 1 times, more than HALO_MAX_REQUEUES=0; not starting" in log
-    assert "restart-1" not in log and "fix the config" not in log  # nothing was launched
+    assert "this job was requeued 1 times, more than HALO_MAX_REQUEUES=0; not starting" in second
+    assert "run.dir" not in second  # nothing was launched
 
 
 def test_bad_config_is_named_in_the_job_log_before_anything_starts(slurm_cluster, train_data, tmp_path):
