@@ -47,9 +47,11 @@ def test_single_node_and_two_nodes_without_ssh_give_the_same_losses(tmp_path, co
     """single_node.sh with 2 CPU ranks; multi_node.sh as two nodes of 1 rank each (--no_ssh --node_rank),
     the same global batch: the same loss sequence."""
     single = config(tmp_path, corpus, "single", deepspeed={"zero_stage": 2})
-    out, err = finish(script("single_node.sh", ["--config", str(single)], {"NUM_GPUS": "2",
-                                                                            "MASTER_PORT": str(free_port())}))
+    port = free_port()
+    out, err = finish(script("single_node.sh", ["--config", str(single)], {"NUM_GPUS": "2", "MASTER_PORT": str(port)}))
     assert "--num_gpus 2" in err and "deepspeed.launcher.runner" in err
+    # DeepSpeed's CPU allreduce maps a 66 MB /dev/shm file per rank and never removes it; the trainer does
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")

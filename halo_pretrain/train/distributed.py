@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 
@@ -105,3 +106,16 @@ def init(info: RankInfo, device_type: str) -> None:
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     backend = "nccl" if device_type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if device_type == "cpu":
+        _unlink_shm_allreduce_buffer(info)
+
+
+def _unlink_shm_allreduce_buffer(info: RankInfo) -> None:
+    """DeepSpeed's CPU allreduce (ranks of one machine) shares a 66 MB /dev/shm file per rank and never
+    removes it, so every run would leave its files behind. Once every rank has mapped every other's file
+    (they all passed init_distributed: the barrier), each removes its own name; the mappings stay valid."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    own = f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
+    Path("/dev/shm", own).unlink(missing_ok=True)
