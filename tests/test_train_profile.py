@@ -14,6 +14,12 @@ def test_profile_steps_must_be_a_range(steps):
         load_run_config("quickstart", [f"logging.profile_steps={json.dumps(steps)}"])
 
 
+def test_profile_steps_must_end_within_the_run():
+    load_run_config("quickstart", ["train.steps=10", "logging.profile_steps=[9, 10]"])
+    with pytest.raises(ConfigError, match=r"logging.profile_steps=\[9, 11\] ends after the last step \(train.steps=10\)"):
+        load_run_config("quickstart", ["train.steps=10", "logging.profile_steps=[9, 11]"])
+
+
 def test_profiled_steps_are_written_per_rank(tmp_path):
     docs = stdlib_sources(60_000, skip=80)
     data = make_prepared_dir(tmp_path / "data", docs[:-2], docs[-2:])

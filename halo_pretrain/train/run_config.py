@@ -163,6 +163,14 @@ class RunConfig(_Section):
                              "(ZeRO-3 gathers weights in hooks that a compiled block would bypass)")
         return self
 
+    @model_validator(mode="after")
+    def _profiled_steps_are_run(self):
+        steps = self.logging.profile_steps
+        if steps and steps[1] > self.train.steps:
+            raise ValueError(f"logging.profile_steps={steps} ends after the last step (train.steps="
+                             f"{self.train.steps}): the profile would never be written; end it at most there")
+        return self
+
     def halo_config(self) -> HaloConfig:
         return self.model.halo_config(self.seed)
 
