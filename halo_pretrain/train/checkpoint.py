@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..config import HaloConfig
+from .distributed import collective_device
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 COMPLETE, LATEST, TRAINER_STATE = "complete.json", "latest", "trainer_state.json"
@@ -345,7 +346,7 @@ class Checkpointer:
                     error = "DeepSpeed found no loadable files"
             except Exception as e:  # corrupt files raise anything from pickle, zipfile, torch
                 error = f"{type(e).__name__}: {e}"
-            ok = torch.tensor([0 if error else 1])
+            ok = torch.tensor([0 if error else 1], device=collective_device())
             if dist.is_initialized():
                 dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             if int(ok) == 0:

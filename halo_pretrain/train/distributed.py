@@ -98,6 +98,17 @@ def _mpi_master(rank: int, addr: str | None, master_port: int | None, comm) -> t
     return comm.bcast(mine, root=0)
 
 
+def collective_device():
+    """Where a tensor handed to a collective must live: the current GPU under NCCL (which refuses CPU
+    tensors), the CPU under gloo or without a process group."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init(info: RankInfo, device_type: str) -> None:
     """Export the torch.distributed variables and start the process group through DeepSpeed."""
     import deepspeed
