@@ -122,7 +122,8 @@ class DeepSpeedSection(_Section):
 
 
 class LoggingSection(_Section):
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar when stdout is a terminal; plain lines otherwise or when false
+    log_interval: int = Field(default=10, gt=0)  # steps per plain console line (means over those steps)
     wandb_project: Optional[str] = None  # wandb is used only when this is set
     wandb_entity: Optional[str] = None
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
