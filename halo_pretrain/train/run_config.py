@@ -82,6 +82,7 @@ class TrainSection(_Section):
     compile: bool = False  # torch.compile the model and loss as one graph (block by block with act. ckpt); ZeRO 0-2
     max_nonfinite_steps: int = Field(default=10, ge=0)  # stop (exit 3) once more steps than this were skipped
     peak_tflops: Optional[float] = Field(default=None, gt=0)  # per device, for MFU; None: known GPUs only
+    check_memory: bool = True  # refuse a run whose memory estimate exceeds the device's free memory
 
 
 class OptimSection(_Section):

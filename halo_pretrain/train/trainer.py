@@ -15,6 +15,7 @@ from . import distributed
 from .checkpoint import CheckpointError, Checkpointer, TrainerState, check_same_shape, seed_all
 from .engine import BatchPlan, batch_plan, build_engine
 from .metrics import MetricsLogger, check_logging_packages, memory_gb, peak_flops, truncate_metrics
+from .preflight import check_before_start
 from .profiling import StepProfiler
 from .run_config import ConfigError, RunConfig
 from .schedule import learning_rate
@@ -42,6 +43,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         distributed.init(info, self.device.type)
+        check_before_start(cfg, self.halo, self.plan, self.device, self.train_stream, say=self.say)
 
         seed_all(cfg.seed)
         model = HaloSModel(self.halo)
