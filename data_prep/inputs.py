@@ -28,7 +28,6 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 __all__ = ["InputError", "Source", "ReadStats", "resolve_inputs", "iter_documents", "inputs_digest",
