@@ -23,6 +23,10 @@ from ..model import HaloSModel
 from .run_config import ConfigError, RunConfig
 
 GIB = 2**30
+# torch.compile'd steps keep about 0.7 of the eager activations: the 125m runs of docs/benchmarks.md
+# (one H100, bf16) peaked at 25.6, 9.5, 13.6 and 25.4 GiB where the eager count gives 36.5, 12.9,
+# 20.3 and 35.0 GiB; with this factor 26.1, 9.6, 14.7 and 25.0 GiB
+COMPILED_ACTIVATIONS = 0.7
 # HaloSModel.chunked_loss holds the fp32 logits of at most this many tokens at a time
 LOSS_CHUNK_TOKENS = inspect.signature(HaloSModel.chunked_loss).parameters["chunk_tokens"].default
 
@@ -94,6 +98,8 @@ def estimate_memory(cfg: RunConfig, halo: HaloConfig, backend: str, micro_batch:
             offloaded, weights = offloaded + weights, 0.0
     activations = activation_bytes(halo, backend, micro_batch, cfg.train.seq_len, cfg.train.precision,
                                    cfg.train.activation_checkpointing)
+    if cfg.train.compile:  # fused norms, RoPE, SwiGLU and loss keep less
+        activations *= COMPILED_ACTIVATIONS
     return MemoryEstimate(n, weights, gradients, optimizer, activations, offloaded)
 
 
