@@ -90,10 +90,17 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
-def train_env() -> dict:
+def train_env(gpu: bool = False) -> dict:
+    """The environment of a halo-train process: CPU ranks, or (gpu=True) the GPUs this machine has,
+    compiled Triton kernels and DeepSpeed's CUDA accelerator."""
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), DS_ACCELERATOR="cpu",
-               WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), WANDB_MODE="offline",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if gpu:
+        for key in ("DS_ACCELERATOR", "TRITON_INTERPRET"):
+            env.pop(key, None)
+    else:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -111,8 +118,8 @@ def train_command(config: Path, nproc: int, overrides: list[str] = (), port: int
 
 
 def run_train(config: Path, nproc: int = 1, overrides: list[str] = (), timeout: float = 300,
-              check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(config, nproc, overrides), env=train_env(), cwd=REPO, text=True,
+              check: bool = True, gpu: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(config, nproc, overrides), env=train_env(gpu), cwd=REPO, text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"halo-train exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
