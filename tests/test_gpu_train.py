@@ -54,13 +54,15 @@ def run_resume_chain(tmp_path: Path, data: Path, name: str) -> dict:
     """An uninterrupted run, and the same run killed (SIGKILL) while saving step 4, rerun with
     train.exit_at_step=6, rerun to the end."""
     zero, precision = RESUME_VARIANTS[name]
+    port = 29600 + 10 * list(RESUME_VARIANTS).index(name)  # the chains run at once: a port each
     whole = write_config(tmp_path / f"{name}-whole.yaml", gpu_config(tmp_path / f"{name}-whole", data, zero, precision))
     cut = write_config(tmp_path / f"{name}-cut.yaml", gpu_config(tmp_path / f"{name}-cut", data, zero, precision))
-    result = {"whole": run_train(whole, gpu=True, timeout=600)}
-    result["killed"] = run_train(cut, overrides=["debug.kill_during_save_step=4"], gpu=True, check=False, timeout=600)
+    result = {"whole": run_train(whole, gpu=True, timeout=600, port=port)}
+    result["killed"] = run_train(cut, overrides=["debug.kill_during_save_step=4"], gpu=True, check=False, timeout=600,
+                                 port=port + 1)
     result["killed_losses"] = metrics_losses(tmp_path / f"{name}-cut")
-    result["exit_at"] = run_train(cut, overrides=["train.exit_at_step=6"], gpu=True, timeout=600)
-    result["last"] = run_train(cut, gpu=True, timeout=600)
+    result["exit_at"] = run_train(cut, overrides=["train.exit_at_step=6"], gpu=True, timeout=600, port=port + 2)
+    result["last"] = run_train(cut, gpu=True, timeout=600, port=port + 3)
     result["want"] = metrics_losses(tmp_path / f"{name}-whole")
     result["got"] = metrics_losses(tmp_path / f"{name}-cut")
     return result
@@ -105,12 +107,12 @@ def compile_runs(tmp_path_factory, data) -> dict:
             cfg = gpu_config(tmp / name, data, 1, "bf16", model={"attention": attention},
                              train={"compile": compiled, "activation_checkpointing": 1, "steps": 6},
                              checkpoint={"interval": 100})
-            jobs[name] = (write_config(tmp / f"{name}.yaml", cfg), tmp / f"inductor-{name}", tmp / name)
+            jobs[name] = (write_config(tmp / f"{name}.yaml", cfg), tmp / f"inductor-{name}", tmp / name, 29700 + len(jobs))
 
     def run(job):
-        config, cache, run_dir = job
+        config, cache, run_dir, port = job
         env = train_env(gpu=True)
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(cache), MASTER_PORT=str(port))
         proc = subprocess.run([sys.executable, "-m", "halo_pretrain.train", "--config", str(config)], env=env,
                               cwd=REPO, text=True, capture_output=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -144,7 +146,8 @@ def test_zero2_and_zero3_with_cpu_offload_train_like_the_gpu_optimizer(tmp_path,
                              train={"steps": 5}, checkpoint={"interval": 5})
             jobs[name] = write_config(tmp_path / f"{name}.yaml", cfg)
     with ThreadPoolExecutor(len(jobs)) as pool:
-        procs = dict(zip(jobs, pool.map(lambda c: run_train(c, gpu=True, timeout=600), jobs.values())))
+        ports = range(29720, 29720 + len(jobs))
+        list(pool.map(lambda c, p: run_train(c, gpu=True, timeout=600, port=p), jobs.values(), ports))
     for zero in (2, 3):
         gpu_opt = [loss for _, loss in metrics_losses(tmp_path / f"zero{zero}")]
         offloaded = [loss for _, loss in metrics_losses(tmp_path / f"zero{zero}-offload")]

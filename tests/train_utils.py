@@ -118,8 +118,13 @@ def train_command(config: Path, nproc: int, overrides: list[str] = (), port: int
 
 
 def run_train(config: Path, nproc: int = 1, overrides: list[str] = (), timeout: float = 300,
-              check: bool = True, gpu: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(config, nproc, overrides), env=train_env(gpu), cwd=REPO, text=True,
+              check: bool = True, gpu: bool = False, port: int | None = None) -> subprocess.CompletedProcess:
+    """port: the rendezvous port of a single process, for runs started at the same moment (each picking
+    a free port on its own can pick the same one)."""
+    env = train_env(gpu)
+    if port is not None:
+        env["MASTER_PORT"] = str(port)
+    proc = subprocess.run(train_command(config, nproc, overrides), env=env, cwd=REPO, text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"halo-train exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
