@@ -210,3 +210,16 @@ def test_halo_generate_errors_name_what_to_do(tmp_path):
     exported(tmp_path / "bare", tokenizer_record=False)
     with pytest.raises(SystemExit, match=r"no tokenizer_config.json .*pass --tokenizer"):
         generate_main([str(tmp_path / "bare"), "--prompt", "hi"])
+
+
+def test_a_truncated_weights_file_is_a_one_line_error_naming_it(tmp_path):
+    exported(tmp_path / "m")
+    weights = tmp_path / "m/model.safetensors"
+    data = weights.read_bytes()
+    for cut in (len(data) // 2, 5):  # the tensors cut short; the header itself cut short
+        weights.write_bytes(data[:cut])
+        with pytest.raises(SystemExit) as err:
+            generate_main([str(tmp_path / "m"), "--prompt", "hi"])
+        message = str(err.value.code)
+        assert message.startswith(f"halo-generate: {weights} is not a readable safetensors file")
+        assert "truncated or corrupt; copy it again or re-run halo-export" in message and "\n" not in message
