@@ -150,11 +150,12 @@ def write_model_config(config: HaloConfig, out_dir: Path, fmt: str, dtype: str, 
     if fmt == "llama":
         from .hf.llama import llama_config
 
-        (out_dir / "config.json").write_text(json.dumps(llama_config(config, HF_DTYPES[dtype], token_ids), indent=2) + "\n")
+        record = llama_config(config, HF_DTYPES[dtype], token_ids)
     else:
         record = {"model_type": "halo-s", "architectures": ["HaloSForCausalLM"], "auto_map": AUTO_MAP,
                   **config.to_dict(), "dtype": HF_DTYPES[dtype], "use_cache": True, **token_ids}
-        (out_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    if fmt == "halo-s":
         for name in REMOTE_CODE:
             (out_dir / name).write_text(resources.files("halo_pretrain.hf").joinpath("remote", name).read_text())
     if token_ids:
