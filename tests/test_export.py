@@ -207,7 +207,7 @@ def test_the_export_loads_in_transformers_with_the_checkpoints_logits(runs, tmp_
     direct.load_state_dict(state)
     with torch.no_grad():
         assert (hf(X).logits - logits(direct)).abs().max().item() <= 1e-5
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert tokenizer.encode("def f(x):", add_special_tokens=False) == list(b"def f(x):")
 
 

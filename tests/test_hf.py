@@ -83,7 +83,7 @@ def test_greedy_generate_gives_halo_generates_tokens_for_a_left_padded_batch(byt
     model = halo_model(seed=2, attention=attention)
     write_release(model, tmp_path / "m", data_dir=byte_data)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m", trust_remote_code=True)
     prompts = ["Once", "def fibonacci(n):\n    if", "The quick brown fox jumps over the lazy dog; " * 2]
     batch = tok(prompts, return_tensors="pt", padding=True)
     assert batch["attention_mask"][0, 0] == 0  # left padding is the tokenizer's default

@@ -56,7 +56,8 @@ def evaluated(tmp_path_factory):
         model="hf", model_args=f"pretrained={base / 'export'},trust_remote_code=True", tasks=["halo_smoke"],
         task_manager=TaskManager(include_path=str(PATH), include_defaults=False), device="cpu", batch_size=3,
         limit=LIMIT, log_samples=True, bootstrap_iters=0)
-    return model, AutoTokenizer.from_pretrained(base / "export"), results  # the tokenizer the harness decodes with
+    tokenizer = AutoTokenizer.from_pretrained(base / "export", trust_remote_code=True)  # what the harness decodes with
+    return model, tokenizer, results
 
 
 def samples(results, task):

@@ -75,7 +75,7 @@ def model_card(name: str, f: CardFacts) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'model = AutoModelForCausalLM.from_pretrained("{name}"{trust})',
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}"{trust})',
         'ids = tokenizer(["Once upon a time"], return_tensors="pt")',
         "print(tokenizer.decode(model.generate(**ids, max_new_tokens=32, do_sample=False)[0]))",
         "```", "",
