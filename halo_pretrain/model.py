@@ -121,8 +121,8 @@ class KVCache:
     """Keys (RoPE applied) and values of every position a batch has seen, per layer: [B, KV, capacity, D].
 
     Rows are left-padded, so every row appends at the same index; row b's position p sits at index
-    start[b] + p (`forward_cached` takes start). Its two methods are those of a transformers `Cache`, so
-    `forward_cached` runs as well on the DynamicCache that `generate` of the transformers wrapper makes.
+    start[b] + p (`forward_cached` takes start). `update` and `get_seq_length` are those of a transformers
+    `Cache`, so `forward_cached` runs as well on the DynamicCache that the transformers wrapper's `generate` makes.
     """
 
     def __init__(self, config: HaloConfig, batch: int, capacity: int, dtype=torch.float32, device="cpu"):

@@ -36,7 +36,3 @@ class HaloSConfig(PretrainedConfig):
 
     def halo_config(self) -> HaloConfig:
         return HaloConfig(**{k: getattr(self, k) for k in HALO_FIELDS})
-
-    @classmethod
-    def from_halo_config(cls, config: HaloConfig, **kwargs) -> "HaloSConfig":
-        return cls(**config.to_dict(), **kwargs)
