@@ -100,3 +100,24 @@ def test_eval_on_the_gpu_matches_perplexity_on_the_cpu(quickstart, exported, tmp
     assert abs(report["perplexity"]["loss"] - cpu["loss"]) <= 1e-4 * cpu["loss"]
     assert report["probes"]["table"], "no probe results"
     assert (tmp_path / "probes_heatmap.png").stat().st_size > 1000
+
+
+def test_the_transformers_release_on_the_gpu_matches_halo_generate(exported):
+    transformers = pytest.importorskip("transformers")  # the GPU image carries it; the [hf] extra elsewhere
+    from halo_pretrain.model import HaloSModel
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).to("cuda").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    model = HaloSModel.from_pretrained(exported, device="cuda").eval()
+    prompts = ["def ", "import os\nclass Config:\n    def __init__(self"]
+    batch = tok(prompts, return_tensors="pt", padding=True).to("cuda")
+    with torch.no_grad():
+        ids = batch["input_ids"][1:]
+        assert (hf(input_ids=ids).logits - model(ids)).abs().max().item() <= 1e-5
+        out = hf.generate(**batch, max_new_tokens=40, do_sample=False)
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    for prompt, row in zip(prompts, new):
+        proc = cli("halo_pretrain.generate", str(exported), "--prompt", prompt, "--temperature", "0",
+                   "--max-new-tokens", "40", "--device", "cuda", "--json")
+        want = json.loads(proc.stdout.splitlines()[0])["tokens"]
+        assert row[:len(want)] == want
