@@ -98,7 +98,7 @@ def test_the_universal_converter_runs_weights_only(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
     torch.save({"module": Payload(marker)}, path)
-    (tmp_path / "converter_like.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "converter_like.py").write_text(textwrap.dedent("""
         import sys, torch
         torch.load(sys.argv[1], weights_only=False)
         print("loaded")

@@ -216,7 +216,8 @@ def test_custom_op_and_eager_function_agree_bitwise():
     pattern = (config.local_window, list(config.offsets), config.num_random, tk.layer_key(config.seed, LAYER))
     # the fake implementations against the real ones, and autograd registered for the op (its traced use
     # under compile is test_torch_compile_traces_the_custom_op)
-    torch.library.opcheck(tk.attention_op, (*xs, *pattern), test_utils=("test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(tk.attention_op, (*xs, *pattern),
+                          test_utils=("test_autograd_registration", "test_faketensor"))
     op_out, lse = torch.ops.halo_pretrain.attention(*xs, *pattern)
     plain = [t.detach() for t in xs]
     torch.library.opcheck(tk.attention_backward_op, (dout.float(), *plain, op_out.detach(), lse.detach(), *pattern),

@@ -52,9 +52,10 @@ def start_wandb(run_config, run_dir: Path, mode: str, say=print):
     except Exception as e:  # wandb.errors.UsageError without an API key, CommError without a network, ...
         if mode != "online":
             raise
-        say(f"[halo-train] wandb could not log online ({type(e).__name__}: {e}); logging offline to "
-            f"{Path(run_dir) / 'wandb'} instead: upload it later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*` "
-            "(`wandb login` or WANDB_API_KEY for online logging)")
+        where = Path(run_dir) / "wandb"
+        say(f"[halo-train] wandb could not log online ({type(e).__name__}: {e}); logging offline to {where} "
+            f"instead: upload it later with `wandb sync {where}/offline-run-*` (`wandb login` or WANDB_API_KEY "
+            "for online logging)")
         return wandb.init(mode="offline", **kwargs)
 
 

@@ -161,7 +161,8 @@ class Trainer:
         if self.universal:
             self.say(f"resuming a checkpoint of world size {previous.world_size}, ZeRO-{previous.zero_stage} on world "
                      f"size {info.world_size}, ZeRO-{cfg.deepspeed.zero_stage}: its partitioned state is resharded")
-        self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan, self.device, universal=self.universal)
+        self.engine, self.optimizer, self.ds_config = build_engine(cfg, model, self.plan, self.device,
+                                                                   universal=self.universal)
         self.gradients = None if cfg.train.precision == "fp16" else \
             GradientWatch(self.engine.module.parameters(), self.device)
         self.loader = TrainLoader(self.train_stream, self.plan.micro_batch_size, info.rank, info.world_size)
@@ -320,7 +321,8 @@ class Trainer:
             state.consumed_samples += plan.global_batch_size
             state.tokens += tokens_per_step
             state.nonfinite_steps += result.nonfinite is not None
-            mfu = self.flops_per_token * tokens_per_step / seconds / (self.peak * plan.world_size) if self.peak else None
+            mfu = self.flops_per_token * tokens_per_step / seconds / (self.peak * plan.world_size) \
+                if self.peak else None
             record = step_record(state, result, lr, seconds, tokens_per_step, mfu)
             if result.nonfinite is not None:
                 logger.write(f"step {state.step}: non-finite {result.nonfinite.value}, update skipped "

@@ -110,7 +110,8 @@ class Checkpointer:
     def __init__(self, ckpt_dir: Path, rank: int, world_size: int, keep_last: int,
                  say: Callable[[str], None] = print, kill_during_save_step: int | None = None,
                  fail_save: tuple[int, int] | None = None):
-        self.dir, self.rank, self.world_size, self.keep_last, self.say = Path(ckpt_dir), rank, world_size, keep_last, say
+        self.dir, self.rank, self.world_size, self.keep_last = Path(ckpt_dir), rank, world_size, keep_last
+        self.say = say
         self.kill_during_save_step, self.fail_save = kill_during_save_step, tuple(fail_save or ()) or None
         self.last_good: Path | None = None  # the newest checkpoint this run saved or resumed: its weights are finite
 
