@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,21 @@ def test_cli_config_error_exit_code_and_message(tmp_path, config_file):
     printed = subprocess.run([sys.executable, "-m", "halo_pretrain.train", "--config", "quickstart", "--print-config",
                               "train.steps=5"], env=train_env(), cwd=REPO, capture_output=True, text=True)
     assert printed.returncode == 0 and "steps: 5" in printed.stdout
+
+
+def test_ctrl_c_is_a_stop_request_and_a_second_one_stops_at_once():
+    script = """
+import os, signal
+from halo_pretrain.train.signals import StopRequest
+stop = StopRequest(announce=True).install()
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    assert signal.getsignal(sig) == stop._handle, sig
+os.kill(os.getpid(), signal.SIGINT)
+print("requested", stop.signal_name, flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+print("survived the second Ctrl-C", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=train_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert proc.stdout == "requested SIGINT\n"
+    assert "press Ctrl-C again to stop at once without saving" in proc.stderr
