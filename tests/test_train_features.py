@@ -61,6 +61,7 @@ def test_plain_run_logs_progress_and_wandb_offline(plain):
     assert "train:" in proc.stderr and "loss=" in proc.stderr and "tok/s=" in proc.stderr and "gnorm=" in proc.stderr  # the tqdm bar
     assert "training done: step 10" in proc.stdout
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+    assert "wandb could not log online" not in proc.stdout + proc.stderr  # offline from the start: WANDB_MODE
     assert len(losses(run_dir)) == STEPS
 
 

@@ -239,14 +239,14 @@ class Checkpointer:
         return found[0] if found else None
 
     def _verify(self, tag_dir: Path) -> Problem | None:
-        """Collective: the checkpoint is complete, intact (checksums) and holds nothing but tensors and
-        plain data (the files shared out over the ranks); the same answer on every rank."""
-        problem = completeness_problem(tag_dir)  # the same on every rank (a shared directory)
-        if problem is None:
+        """Collective: the checkpoint is complete, intact (checksums), holds nothing but tensors and plain
+        data (the files shared out over the ranks) and a readable trainer state; the same answer on every
+        rank, even where one rank sees the directory differently."""
+        mine = completeness_problem(tag_dir)
+        if mine is None:
             mine = checksum_problem(tag_dir, self.rank, self.world_size) or \
-                unpickle_problem(tag_dir, self.rank, self.world_size)
-            problem = self._first(gather_objects(mine))
-        return problem or trainer_state_problem(tag_dir)
+                unpickle_problem(tag_dir, self.rank, self.world_size) or trainer_state_problem(tag_dir)
+        return self._first(gather_objects(mine))
 
     def _to_universal(self, tag_dir: Path) -> tuple[Path, str | None]:
         """Convert a checkpoint to DeepSpeed's universal format once (rank 0, weights-only loads),
