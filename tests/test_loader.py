@@ -10,8 +10,7 @@ import pytest
 from halo_pretrain.data.loader import (PackedDataset, SampleStream, ShardError, TrainLoader, checksum_problems,
                                        open_stream, rank_sample_start)
 from halo_pretrain.data.manifest import ManifestError
-from halo_pretrain.fileio import sha256_file
-from train_utils import make_prepared_dir
+from train_utils import make_prepared_dir, record_checksums
 
 SEQ = 8
 
@@ -140,18 +139,8 @@ def test_open_stream_checks(two_dirs, tmp_path):
         open_stream([(str(a), 1.0), (str(other), 1.0)], "train", SEQ, 0, True)
 
 
-def with_checksums(data_dir):
-    """Record every shard file's SHA-256 in the manifest, as halo-prep does (make_prepared_dir leaves them out)."""
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    for entries in manifest["splits"].values():
-        for e in entries:
-            e["checksums"] = {s: "sha256:" + sha256_file(data_dir / f"{e['prefix']}.{s}") for s in ("bin", "idx")}
-    (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    return data_dir
-
-
 def test_a_flipped_byte_fails_its_shards_checksum_on_exactly_one_rank(tmp_path):
-    d = with_checksums(make_prepared_dir(tmp_path / "d", docs(20, 20, "d"), docs(3, 20, "v"), docs_per_shard=10))
+    d = record_checksums(make_prepared_dir(tmp_path / "d", docs(20, 20, "d"), docs(3, 20, "v"), docs_per_shard=10))
     train, val = PackedDataset(d, "train", SEQ), PackedDataset(d, "validation", SEQ)
     assert len(train.checksummed_files()) == 4 and checksum_problems([train, val]) == []
     shard = d / "train_00001.bin"

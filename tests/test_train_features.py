@@ -22,8 +22,8 @@ import yaml
 from halo_pretrain.fileio import sha256_file
 from halo_pretrain.train.checkpoint import load_model_state
 from halo_pretrain.train.metrics import read_metrics
-from train_utils import (REPO, losses, make_prepared_dir, run_train, stdlib_sources, tiny_config, train_command,
-                         train_env, write_config)
+from train_utils import (REPO, losses, make_prepared_dir, record_checksums, run_train, stdlib_sources, tiny_config,
+                         train_command, train_env, write_config)
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -70,12 +70,8 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(workdir, corpus, plain):
     block, which must change nothing either (recomputation in fp32 is exact)."""
     config = make_config(workdir, corpus, "sigterm")
     run_dir = workdir / "sigterm"
-    proc = subprocess.Popen(train_command(config, 1), env=train_env(), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_for_steps(run_dir, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out[-3000:]
+    code, out, err = signal_after_steps(config, run_dir, signal.SIGTERM)
+    assert code == 75, err[-3000:]
     stopped_at = len(read_metrics(run_dir))
     assert 2 <= stopped_at < STEPS
     assert "stop requested (SIGTERM)" in out
@@ -109,12 +105,8 @@ def test_sigusr1_to_one_rank_stops_all_under_the_deepspeed_launcher(workdir, cor
 def test_ctrl_c_saves_and_exits_75_like_sigterm(workdir, corpus):
     config = make_config(workdir, corpus, "sigint", train={"steps": 1000}, checkpoint={"interval": 1000})
     run_dir = workdir / "sigint"
-    proc = subprocess.Popen(train_command(config, 1), env=train_env(), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_steps(run_dir, 2, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-3000:]
+    code, out, err = signal_after_steps(config, run_dir, signal.SIGINT)
+    assert code == 75, err[-3000:]
     assert "press Ctrl-C again to stop at once without saving" in err and "KeyboardInterrupt" not in err
     step = len(read_metrics(run_dir))
     assert f"stop requested (SIGINT): checkpoint of step {step} saved" in out
@@ -149,6 +141,16 @@ def test_a_second_trainer_on_a_run_dir_is_refused_and_a_killed_trainers_lock_doe
     assert f"took over the lock of pid {first.pid} on {lock['host']}" in proc.stdout and "is gone" in proc.stdout
     assert f"resumed from step {latest}" in proc.stdout and f"training done: step {latest + 2}" in proc.stdout
     assert not (run_dir / "halo-train.lock").exists()
+
+
+def signal_after_steps(config: Path, run_dir: Path, sig: int, steps: int = 2) -> tuple[int, str, str]:
+    """Start halo-train, send it `sig` once it logged `steps` steps: (exit code, stdout, stderr)."""
+    proc = subprocess.Popen(train_command(config, 1), env=train_env(), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_steps(run_dir, steps, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
 
 
 def wait_for_steps(run_dir: Path, n: int, proc, timeout: float = 180) -> None:
@@ -353,19 +355,9 @@ def test_bad_data_directories_are_clear_errors(workdir, corpus, tmp_path):
     assert json.loads((big / "manifest.json").read_text())["vocab_size"] == 50257
 
 
-def with_checksums(data_dir: Path) -> Path:
-    """Record every shard file's SHA-256 in the manifest, as halo-prep does (make_prepared_dir leaves them out)."""
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    for entries in manifest["splits"].values():
-        for e in entries:
-            e["checksums"] = {s: "sha256:" + sha256_file(data_dir / f"{e['prefix']}.{s}") for s in ("bin", "idx")}
-    (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    return data_dir
-
-
 def test_a_corrupted_shard_stops_the_run_naming_it(workdir, tmp_path):
     docs = stdlib_sources(60_000, skip=80)
-    data = with_checksums(make_prepared_dir(tmp_path / "data", docs[:-2], docs[-2:]))
+    data = record_checksums(make_prepared_dir(tmp_path / "data", docs[:-2], docs[-2:]))
     shard = data / "train_00000.bin"
     tokens = np.fromfile(shard, dtype=np.uint16)
     (tokens | 0x8000).astype(np.uint16).tofile(shard)  # a bit flipped in every token: all outside the vocabulary
