@@ -115,12 +115,6 @@ class Checkpointer:
         self.kill_during_save_step, self.fail_save = kill_during_save_step, tuple(fail_save or ()) or None
         self.last_good: Path | None = None  # the newest checkpoint this run saved or resumed: its weights are finite
 
-    def _barrier(self):
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-
     # ---- save ------------------------------------------------------------------------------------
 
     def _recorder(self, engine) -> _RecordingCheckpointEngine:
