@@ -48,6 +48,18 @@ def make_prepared_dir(out: Path, train_docs: list[str], val_docs: list[str], doc
     return out
 
 
+def record_checksums(data_dir: Path) -> Path:
+    """Record every shard file's SHA-256 in the manifest, as halo-prep does (make_prepared_dir leaves them out)."""
+    from halo_pretrain.fileio import sha256_file
+
+    manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+    for entries in manifest["splits"].values():
+        for e in entries:
+            e["checksums"] = {s: "sha256:" + sha256_file(data_dir / f"{e['prefix']}.{s}") for s in ("bin", "idx")}
+    (data_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return data_dir
+
+
 def stdlib_sources(limit_bytes: int, skip: int = 0) -> list[str]:
     """Real text that exists on every machine: the Python standard library's own source files."""
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -12,7 +12,7 @@ from ..attention import get_attention_fn, resolve_backend
 from .optim import build_optimizer
 from .run_config import ConfigError, RunConfig
 
-DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"  # package data
 
 
 @dataclass(frozen=True)
