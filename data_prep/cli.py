@@ -59,8 +59,8 @@ def prep_parser() -> argparse.ArgumentParser:
                    help="documents per shard; fixes the layout, whatever --workers (default: 100000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation assignment (default: 0)")
     p.add_argument("--ext", type=_exts, action="extend", default=None, metavar=".EXT[,.EXT]",
-                   help="also read files with these extensions as text, one file = one document "
-                        "(e.g. --ext .py); .txt is always read")
+                   help="what a folder walk reads: only files with these extensions, as text, one file = one "
+                        "document (e.g. --ext .py); default: .txt, .jsonl, .json, .parquet")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="skip files and folders whose absolute path matches this shell pattern "
                         "(folders end with /), e.g. --exclude '*/site-packages/*'; repeatable")
@@ -83,7 +83,7 @@ def prep_parser() -> argparse.ArgumentParser:
 
 def _run_prep(argv: list[str]) -> int:
     args = prep_parser().parse_args(argv)
-    exts = tuple(dict.fromkeys([".txt"] + (args.ext or [])))
+    exts = tuple(dict.fromkeys(args.ext)) if args.ext else None
     cfg = PrepConfig(inputs=args.inputs, out_dir=args.output, tokenizer=args.tokenizer,
                      text_field=args.text_field, val_fraction=args.val_fraction, workers=max(0, args.workers),
                      docs_per_shard=args.docs_per_shard, seed=args.seed, text_exts=exts, exclude=tuple(args.exclude), errors=args.errors,

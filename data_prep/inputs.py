@@ -5,10 +5,13 @@ with ``save_to_disk`` (a folder), or ``hf:NAME[:CONFIG]`` (``datasets.load_datas
 by extension (optionally ``.gz``):
 
 * ``.txt``, every extension given with ``--ext`` (e.g. ``--ext .py``) and any other file named
-  or matched by a glob: one file = one document (a folder walk reads only known extensions);
+  or matched by a glob: one file = one document;
 * ``.jsonl``: one JSON object per line, the document is its ``--text-field``;
 * ``.json``: a JSON array of objects (or strings), or JSON lines;
 * ``.parquet``: the ``--text-field`` column, read in record batches.
+
+A folder walk reads ``.txt`` and the data kinds below; with ``--ext`` it reads exactly the
+extensions given (``--ext .py`` reads Python files, not the ``.json`` test data beside them).
 
 Nothing loads a whole corpus: files are read one at a time, JSON lines one line at a time,
 Parquet and Arrow one batch at a time (a ``.json`` array and a single text document are the
@@ -25,7 +28,6 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 __all__ = ["InputError", "Source", "ReadStats", "resolve_inputs", "iter_documents", "inputs_digest",
@@ -66,25 +68,35 @@ def _strip_gz(name: str) -> tuple[str, bool]:
     return (name[:-3], True) if name.endswith(".gz") else (name, False)
 
 
-def _kind_of(path: str, text_exts: tuple[str, ...]) -> str | None:
+def _kind_of(path: str) -> str:
+    """jsonl, json or parquet by extension; any other file is one text document."""
     base, _ = _strip_gz(os.path.basename(path).lower())
     for ext in _DATA_EXTS:
         if base.endswith(ext):
             return ext[1:]
-    if any(base.endswith(e.lower()) for e in text_exts):
-        return "text"
-    return None
+    return "text"
 
 
 def _is_hf_disk(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _HF_DISK_MARKERS)
 
 
-def resolve_inputs(specs: list[str], text_exts: tuple[str, ...] = DEFAULT_TEXT_EXTS,
+def _walk_reads(path: str, walk_exts: tuple[str, ...] | None) -> bool:
+    """Whether a folder walk reads this file: None reads .txt and the data kinds, else exactly walk_exts."""
+    base, _ = _strip_gz(os.path.basename(path).lower())
+    wanted = DEFAULT_TEXT_EXTS + _DATA_EXTS if walk_exts is None else walk_exts
+    return any(base.endswith(e.lower()) for e in wanted)
+
+
+def resolve_inputs(specs: list[str], text_exts: tuple[str, ...] | None = None,
                    stats: ReadStats | None = None, exclude: tuple[str, ...] = ()) -> list[Source]:
-    """Turn INPUT arguments into an ordered, de-duplicated list of sources. ``exclude``: shell
-    patterns matched against absolute paths (folders end with "/"); matches are not read."""
-    text_exts = tuple(e if e.startswith(".") else "." + e for e in text_exts)
+    """Turn INPUT arguments into an ordered, de-duplicated list of sources. ``text_exts`` (--ext):
+    None, a folder walk reads .txt and the data kinds; else it reads only these extensions (as text,
+    or by kind for .jsonl/.json/.parquet). Files named or matched by a glob are read whatever their
+    extension. ``exclude``: shell patterns matched against absolute paths (folders end with "/");
+    matches are not read."""
+    if text_exts is not None:
+        text_exts = tuple(e if e.startswith(".") else "." + e for e in text_exts)
     if not specs:
         raise InputError("no INPUT given: name files, folders, globs or hf:DATASET to read")
     out: list[Source] = []
@@ -102,14 +114,11 @@ def resolve_inputs(specs: list[str], text_exts: tuple[str, ...] = DEFAULT_TEXT_E
     def add_file(path: str, explicit: bool) -> None:
         if excluded(os.path.abspath(path)):
             return
-        kind = _kind_of(path, text_exts)
-        if kind is None:
-            if not explicit:  # a file met while walking a folder: only the extensions we read
-                if stats is not None:
-                    stats.skipped_files += 1
-                return
-            kind = "text"  # named or matched by a glob: the user chose it, read it as text
-        add(Source(kind, os.path.abspath(path)))
+        if not explicit and not _walk_reads(path, text_exts):  # met while walking a folder
+            if stats is not None:
+                stats.skipped_files += 1
+            return
+        add(Source(_kind_of(path), os.path.abspath(path)))  # named or matched: the user chose it
 
     def add_path(path: str, explicit: bool) -> None:
         if _is_hf_disk(path):
@@ -139,8 +148,9 @@ def resolve_inputs(specs: list[str], text_exts: tuple[str, ...] = DEFAULT_TEXT_E
             for m in matches:
                 add_path(m, explicit=True)
     if not out:
-        raise InputError(f"inputs {' '.join(specs)} hold no readable file (text extensions: "
-                         f"{', '.join(text_exts)}; data: .jsonl, .json, .parquet)")
+        reads = ", ".join(text_exts) if text_exts is not None else ", ".join(DEFAULT_TEXT_EXTS + _DATA_EXTS)
+        raise InputError(f"inputs {' '.join(specs)} hold no readable file (a folder walk reads {reads}; "
+                         f"choose others with --ext)")
     return out
 
 

@@ -57,7 +57,7 @@ class PrepConfig:
     workers: int = 0  # processes that tokenize; 0 = tokenize in this process
     docs_per_shard: int = 100_000
     seed: int = 0
-    text_exts: tuple[str, ...] = DEFAULT_TEXT_EXTS
+    text_exts: tuple[str, ...] | None = None  # --ext: what a folder walk reads (None: .txt and the data kinds)
     exclude: tuple[str, ...] = ()
     errors: str = "strict"
     skip_bad_lines: bool = False
@@ -172,7 +172,7 @@ def _layout_config(cfg: PrepConfig, tok, dtype, sources) -> dict:
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "text_field": cfg.text_field,
-        "text_exts": list(cfg.text_exts),
+        "text_exts": list(cfg.text_exts or DEFAULT_TEXT_EXTS),
         "exclude": list(cfg.exclude),
         "hf_split": cfg.hf_split,
         "num_input_sources": len(sources),

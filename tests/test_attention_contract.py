@@ -1,4 +1,4 @@
-"""The neighbour set and every CPU backend against shared/ATTENTION.md."""
+"""The neighbour set and every CPU backend against the contract in docs/attention.md."""
 
 import random
 import subprocess

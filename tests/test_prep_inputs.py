@@ -50,8 +50,25 @@ def test_every_file_kind_in_order(tmp_path):
     assert prep([d], tmp_path / "out") == 0
     assert docs_of(tmp_path / "out") == ["plain text\nsecond line", "jl1", "jl2", "gz1", "gz2", "arr1", "arr2",
                                          "json-lines in .json", "pq1", "pq2", "pq3"]
-    assert prep([d], tmp_path / "out2", "--ext", ".py") == 0
-    assert docs_of(tmp_path / "out2")[-1] == "print('not read: no --ext')"
+    assert prep([d], tmp_path / "out2", "--ext", ".py") == 0  # --ext names what a walk reads: .py only
+    assert docs_of(tmp_path / "out2") == ["print('not read: no --ext')"]
+    assert prep([d], tmp_path / "out3", "--ext", ".py,.txt", "--ext", "jsonl") == 0  # a data kind keeps its parser
+    assert docs_of(tmp_path / "out3") == ["plain text\nsecond line", "jl1", "jl2", "gz1", "gz2",
+                                          "print('not read: no --ext')"]
+
+
+def test_ext_walk_skips_data_files_beside_the_code(tmp_path, capsys):
+    """The README's stdlib command: --ext .py over a tree whose test data holds JSON without a text field."""
+    d = tmp_path / "lib"
+    (d / "test" / "data").mkdir(parents=True)
+    (d / "mod.py").write_text("def f():\n    return 1\n")
+    (d / "test" / "test_mod.py").write_text("import mod\n")
+    (d / "test" / "data" / "valid.json").write_text('{"apostrophes": "it\'s"}')
+    (d / "test" / "data" / "notes.txt").write_text("not python")
+    assert main([str(d), "-o", str(tmp_path / "out"), "--tokenizer", "byte", "--val-fraction", "0",
+                 "--workers", "0", "--ext", ".py"]) == 0
+    assert docs_of(tmp_path / "out") == ["def f():\n    return 1\n", "import mod\n"]
+    assert "files in folders with other extensions, not read: 2 (see --ext)" in capsys.readouterr().err
 
 
 def test_glob_and_explicit_files_read_any_extension_as_text(tmp_path):

@@ -1,4 +1,4 @@
-"""HALO-S attention backends. Every one computes shared/ATTENTION.md; `config.attention` picks one."""
+"""HALO-S attention backends. Every one computes the contract in docs/attention.md; `config.attention` picks one."""
 
 from __future__ import annotations
 

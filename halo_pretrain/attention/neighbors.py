@@ -1,4 +1,4 @@
-"""The HALO-S neighbour set (shared/ATTENTION.md): which keys a query at position q reads.
+"""The HALO-S neighbour set (the contract: docs/attention.md): which keys a query at position q reads.
 
 A query at q reads, as a set: the layer's global slots; the window q-W+1..q; q-d for each dilated
 offset d <= q; and `num_random` positions drawn from 0..q-W (only when q >= W) by a counter-based

@@ -11,7 +11,6 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 
@@ -116,17 +115,19 @@ def init(info: RankInfo, device_type: str) -> None:
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     backend = "nccl" if device_type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if device_type == "cpu":
-        _unlink_shm_allreduce_buffer(info)
+        skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def _unlink_shm_allreduce_buffer(info: RankInfo) -> None:
-    """DeepSpeed's CPU allreduce (ranks of one machine) shares a 66 MB /dev/shm file per rank and never
-    removes it, so every run would leave its files behind. Once every rank has mapped every other's file
-    (they all passed init_distributed: the barrier), each removes its own name; the mappings stay valid."""
-    import torch.distributed as dist
+def skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory allreduce op as it starts (a minute or more on
+    2 cores; again each time another Python environment, with other include paths, rebuilt it in the
+    same cache, ~/.cache/torch_extensions) and maps a 66 MB /dev/shm file per rank that it never
+    removes. Only its inference tensor-parallel allreduce uses the op; training collectives go
+    through gloo. Marked incompatible in DeepSpeed's own table of ops, it is neither built nor mapped."""
+    import deepspeed.ops
 
-    dist.barrier()
-    own = f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
-    Path("/dev/shm", own).unlink(missing_ok=True)
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False

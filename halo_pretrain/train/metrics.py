@@ -1,10 +1,13 @@
-"""Rank-0 logging: a progress bar, metrics.jsonl (one line per optimizer step), wandb and TensorBoard."""
+"""Rank-0 logging: metrics.jsonl (one line per optimizer step), the console (a progress bar on a terminal,
+plain lines in a log file), wandb and TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,20 +103,146 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-class MetricsLogger:
-    """Everything here is a no-op on ranks other than 0."""
+def format_duration(seconds: float) -> str:
+    """3h05m, 4m07s, 12s."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
-    def __init__(self, run_dir: Path, is_main: bool, run_config, total_steps: int, start_step: int):
+
+class Console:
+    """What a person or a log file sees. On a terminal with logging.progress_bar, a tqdm bar; otherwise
+    (Slurm, nohup, a pipe, or progress_bar=false) one plain line every `interval` steps with the means over
+    those steps. Validation results and a closing summary are printed either way."""
+
+    PREFIX = "[halo-train] "
+
+    def __init__(self, total_steps: int, start_step: int, interval: int, progress_bar: bool, stream=None,
+                 clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stdout
+        self.total, self.start_step, self.interval, self.clock = total_steps, start_step, interval, clock
+        self.bar = None
+        if progress_bar and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=self.stream)
+        self.started = clock()
+        self.window: list[dict] = []  # records since the last plain line
+        self.first: tuple[float, int] | None = None  # (time, step) after this run's first step: the ETA's origin
+        self.last: dict | None = None
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self.best_val: tuple[float, int] | None = None
+        self.last_val: tuple[float, int] | None = None
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def eta(self, step: int) -> float | None:
+        now = self.clock()
+        if self.first is None or step <= self.first[1]:
+            return None
+        per_step = (now - self.first[0]) / (step - self.first[1])  # evaluations and checkpoints included
+        return per_step * (self.total - step)
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        if self.first is None:
+            self.first = (self.clock(), step)
+        self.tokens += record["tokens_per_s"] * record["step_time"]  # the step's tokens
+        self.train_seconds += record["step_time"]
+        self.last = record
+        self.window.append(record)
+        if self.bar is not None:
+            self._update_bar(record)
+        elif step % self.interval == 0 or step == self.total:
+            self.write(self.PREFIX + self.plain_line(self.window, step))
+            self.window = []
+        if record.get("val_loss") is not None:
+            self.last_val = (record["val_loss"], step)
+            if self.best_val is None or record["val_loss"] < self.best_val[0]:
+                self.best_val = self.last_val
+            self.write(f"{self.PREFIX}step {step}/{self.total} validation: loss {record['val_loss']:.4f}, "
+                       f"ppl {record['val_ppl']:.2f}")
+
+    def plain_line(self, window: list[dict], step: int) -> str:
+        """step, mean loss, lr, mean grad norm, tokens/s and MFU over the window's steps, memory, ETA."""
+        losses = [r["loss"] for r in window if r["loss"] is not None]
+        norms = [r["grad_norm"] for r in window if r.get("grad_norm") is not None]
+        seconds = sum(r["step_time"] for r in window)
+        tokens = sum(r["tokens_per_s"] * r["step_time"] for r in window)
+        parts = [f"step {step}/{self.total}",
+                 f"loss {sum(losses) / len(losses):.4f}" if losses else "loss -",
+                 f"lr {window[-1]['lr']:.2e}"]
+        if norms:
+            parts.append(f"gnorm {sum(norms) / len(norms):.3f}")
+        parts.append(f"{tokens / seconds:,.0f} tok/s" if seconds > 0 else "- tok/s")
+        mfus = [(r["mfu"], r["step_time"]) for r in window if r.get("mfu") is not None]
+        parts.append(f"mfu {100 * sum(m * t for m, t in mfus) / seconds:.1f}%" if mfus and seconds > 0 else "mfu -")
+        parts.append(f"mem {window[-1]['mem_gb']:.1f}G")
+        skipped = len(window) - len(losses)
+        if skipped:
+            parts.append(f"{skipped} skipped")
+        eta = self.eta(step)
+        parts.append(f"eta {format_duration(eta)}" if eta is not None else "eta -")
+        return " | ".join(parts)
+
+    def _update_bar(self, record: dict) -> None:
+        loss = record["loss"]
+        show = {"loss": "skipped" if loss is None else f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
+        if record.get("grad_norm") is not None:
+            show["gnorm"] = f"{record['grad_norm']:.3f}"
+        show["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        if record.get("mfu") is not None:
+            show["mfu"] = f"{100 * record['mfu']:.1f}%"
+        show["mem"] = f"{record['mem_gb']:.1f}G"
+        self.bar.set_postfix(show, refresh=False)
+        self.bar.update(record["step"] - self.bar.n)
+
+    def summary(self) -> str | None:
+        """This invocation in one line, or None when it ran no step."""
+        if self.last is None:
+            return None
+        r = self.last
+        wall = self.clock() - self.started
+        parts = [f"ran steps {self.start_step + 1}-{r['step']} of {self.total} in {format_duration(wall)}",
+                 f"{self.tokens:,.0f} tokens at {self.tokens / max(self.train_seconds, 1e-9):,.0f} tok/s"]
+        if r["loss"] is not None:
+            parts.append(f"last loss {r['loss']:.4f}")
+        if self.last_val is not None:
+            val = f"validation loss {self.last_val[0]:.4f} at step {self.last_val[1]}"
+            if self.best_val != self.last_val:
+                val += f" (best {self.best_val[0]:.4f} at step {self.best_val[1]})"
+            parts.append(val)
+        parts.append(f"peak memory {r['mem_gb']:.1f}G")
+        return self.PREFIX + "summary: " + "; ".join(parts)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        line = self.summary()
+        if line is not None:
+            self.write(line)
+
+
+class MetricsLogger:
+    """metrics.jsonl, wandb, TensorBoard and the console (Console). A no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, is_main: bool, run_config, total_steps: int, start_step: int,
+                 stream=None):
         self.is_main = is_main
-        self.bar = self.wandb = self.tb = self.file = None
+        self.console = self.wandb = self.tb = self.file = None
         if not is_main:
             return
         self.file = open(Path(run_dir) / METRICS_FILE, "a")
         log = run_config.logging
-        if log.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.console = Console(total_steps, start_step, log.log_interval, log.progress_bar, stream)
         if log.wandb_project and wandb_mode(log) != "disabled":
             self.wandb = start_wandb(run_config, run_dir, wandb_mode(log))
         if log.tensorboard:
@@ -126,17 +255,7 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.bar is not None:
-            loss = record["loss"]
-            show = {"loss": "skipped" if loss is None else f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
-            if record.get("grad_norm") is not None:
-                show["gnorm"] = f"{record['grad_norm']:.3f}"
-            show["tok/s"] = f"{record['tokens_per_s']:.0f}"
-            if record.get("mfu") is not None:
-                show["mfu"] = f"{100 * record['mfu']:.1f}%"
-            show["mem"] = f"{record['mem_gb']:.1f}G"
-            self.bar.set_postfix(show, refresh=False)
-            self.bar.update(record["step"] - self.bar.n)
+        self.console.log(record)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.wandb is not None:
             self.wandb.log(numbers, step=record["step"])
@@ -145,18 +264,13 @@ class MetricsLogger:
                 self.tb.add_scalar(key, value, record["step"])
 
     def write(self, message: str) -> None:
-        if not self.is_main:
-            return
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
+        if self.is_main:
+            self.console.write(message)
 
     def close(self) -> None:
         if not self.is_main:
             return
-        if self.bar is not None:
-            self.bar.close()
+        self.console.close()
         if self.wandb is not None:
             self.wandb.finish()
         if self.tb is not None:

@@ -83,6 +83,7 @@ class TrainSection(_Section):
     compile: bool = False  # torch.compile the model and loss as one graph (block by block with act. ckpt); ZeRO 0-2
     max_nonfinite_steps: int = Field(default=10, ge=0)  # NaN/inf loss or gradient: skipped; exit 3 past this many
     peak_tflops: Optional[float] = Field(default=None, gt=0)  # per device, for MFU; None: known GPUs only
+    check_memory: bool = True  # refuse a run whose memory estimate exceeds the device's free memory
 
 
 class OptimSection(_Section):
@@ -123,7 +124,8 @@ class DeepSpeedSection(_Section):
 
 
 class LoggingSection(_Section):
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar when stdout is a terminal; plain lines otherwise or when false
+    log_interval: int = Field(default=10, gt=0)  # steps per plain console line (means over those steps)
     wandb_project: Optional[str] = None  # wandb is used only when this is set
     wandb_entity: Optional[str] = None
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: $WANDB_MODE, else online

@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError, Checkpointer, NonFiniteWeightsError, Tr
 from .checkpoint.checkpointer import gather_objects
 from .engine import BatchPlan, batch_plan, build_engine
 from .metrics import MetricsLogger, check_logging_packages, memory_gb, peak_flops, truncate_metrics
+from .preflight import check_before_start
 from .profiling import StepProfiler
 from .run_config import ConfigError, RunConfig
 from .run_lock import RunLock, RunLockError
@@ -134,6 +135,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
+        check_before_start(cfg, self.halo, self.plan, self.device, self.train_stream, say=self.say)
         self._verify_shards()
         if info.is_main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
