@@ -52,7 +52,7 @@ def prep_parser() -> argparse.ArgumentParser:
                         "or a local tiktoken BPE file")
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default: text)")
     p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="fraction of documents put in the validation split (default: 0.01)")
+                   help="fraction of documents put in the validation split, in [0, 1) (default: 0.01)")
     p.add_argument("--workers", type=int, default=_cores(),
                    help="tokenizer processes (default: all cores, %(default)s here; 0: tokenize in-process)")
     p.add_argument("--docs-per-shard", type=int, default=100_000,

@@ -276,8 +276,10 @@ class _Progress:
 
 def run_prep(cfg: PrepConfig) -> PrepResult:
     t0 = time.monotonic()
-    if not 0.0 <= cfg.val_fraction <= 1.0:
-        raise PrepError(f"--val-fraction must be within [0, 1], got {cfg.val_fraction}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        why = ": it would put every document in the validation split and leave nothing to train on" \
+            if cfg.val_fraction == 1.0 else ""
+        raise PrepError(f"--val-fraction must be within [0, 1), got {cfg.val_fraction}{why} (the default is 0.01)")
     if cfg.docs_per_shard < 1:
         raise PrepError(f"--docs-per-shard must be at least 1, got {cfg.docs_per_shard}")
     if cfg.task is not None and not (cfg.task[1] >= 1 and 0 <= cfg.task[0] < cfg.task[1]):

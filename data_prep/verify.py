@@ -3,13 +3,13 @@ and an end-of-document token closing every document."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from halo_pretrain.data.indexed import IndexedDataset
 from halo_pretrain.data.manifest import load_manifest
+from halo_pretrain.fileio import sha256_file
 
 __all__ = ["verify_dir", "file_sha256"]
 
@@ -17,11 +17,8 @@ _CHUNK = 1 << 24  # tokens scanned at a time (memory stays flat whatever the sha
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    """The checksum as the manifest writes it: "sha256:<hex>"."""
+    return "sha256:" + sha256_file(path)
 
 
 def verify_dir(data_dir, checksums: bool = True, log=print) -> list[str]:

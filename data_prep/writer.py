@@ -18,38 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from halo_pretrain.data.indexed import encode_index
+from halo_pretrain.fileio import fsync_dir, write_atomic
 
 __all__ = ["ShardWriter", "shard_record", "STATE_DIR", "write_atomic", "fsync_dir"]
 
 STATE_DIR = ".halo-prep"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _record_path(out_dir: Path, name: str) -> Path:

@@ -1,18 +1,19 @@
 """Text generation with a KV cache: each new token reads only its HALO-S neighbours and the global slots.
 
-The cache holds K (RoPE applied) and V of every position, per layer. The prompt is run once through
-the model's own attention backend (prefill); each later token gathers from the cache the keys
+The decoding itself is the model's (`HaloSModel.forward_cached` over a `KVCache`): the prompt runs once
+through the model's own attention backend, and each later token gathers from the cache the keys
 `neighbor_index` names for its position, so cached decoding computes the training function exactly.
+This module samples, stops, loads models and tokenizers, and is the `halo-generate` command.
 
-A batch of prompts is right-padded: every row keeps its true positions (RoPE and the neighbour set
-depend on them), and the padding sits after a row's last token, where causality hides it; a row
-overwrites it as it generates.
+A batch of prompts is left-padded: every row keeps its true positions (RoPE and the neighbour set
+depend on them, and the model never reads the padding).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -20,96 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .attention import halo_attention, resolve_backend
-from .attention.neighbors import neighbor_index
-from .model import HaloSModel, apply_rope, rope_tables
-
-
-class CachedDecoder:
-    """Runs `model` one token at a time over a KV cache. `prefill` first, then `step` per token."""
-
-    def __init__(self, model: HaloSModel, batch: int, capacity: int):
-        c = model.config
-        self.model, self.config, self.capacity = model, c, capacity
-        dtype, device = model.embed.weight.dtype, model.embed.weight.device
-        shape = (batch, capacity, c.num_kv_heads, c.head_dim)  # [B, position, KV, D]: rows gather by position
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
-
-    def _qkv(self, attn, h, cos, sin):
-        b, n, _ = h.shape
-        c = self.config
-        q = attn.q_proj(h).view(b, n, c.num_heads, c.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def _logits(self, x):
-        return self.model.lm_head(self.model.norm(x))
-
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """tokens [B, N] (right-padded), lengths [B] -> logits at each row's last real token [B, vocab]."""
-        model, c = self.model, self.config
-        model.check_input(tokens)
-        n = tokens.shape[1]
-        x = model.embed(tokens)
-        backend = resolve_backend(c.attention, x.device)
-        cos, sin = rope_tables(torch.arange(n, device=x.device), c.head_dim, c.rope_theta, x.dtype)
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            q, k, v = self._qkv(attn, block.attn_norm(x), cos, sin)
-            self.k[layer][:, :n] = k.transpose(1, 2)
-            self.v[layer][:, :n] = v.transpose(1, 2)
-            gk, gv = attn.global_k.to(q.dtype), attn.global_v.to(q.dtype)
-            out = halo_attention(q, k, v, gk, gv, c, layer, backend=backend)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], n, -1))
-            x = x + block.mlp(block.mlp_norm(x))
-        last = x[torch.arange(x.shape[0], device=x.device), lengths.to(x.device) - 1]
-        return self._logits(last)
-
-    def _neighbours(self, layer: int, positions: torch.Tensor):
-        """Cache rows each query reads: (index [B, K], valid [B, K])."""
-        lo, hi = int(positions.min()), int(positions.max())
-        if self.config.attention == "dense":
-            index = torch.arange(hi + 1, device=positions.device).expand(len(positions), -1)
-            return index, index <= positions[:, None]
-        if hi - lo < 4 * len(positions):  # one call for the span of positions
-            index, valid = neighbor_index(hi + 1, self.config, layer, device=positions.device, start=lo)
-            return index[positions - lo], valid[positions - lo]
-        rows = [neighbor_index(p + 1, self.config, layer, device=positions.device, start=p) for p in positions.tolist()]
-        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [B] placed at positions [B] (each < capacity) -> logits of the next token [B, vocab]."""
-        model, c = self.model, self.config
-        b = tokens.shape[0]
-        rows = torch.arange(b, device=tokens.device)
-        x = model.embed(tokens)[:, None]  # [B, 1, hidden]
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, x.dtype)
-        cos, sin = cos[:, None, None], sin[:, None, None]  # broadcast over heads and the one query
-        group = c.num_heads // c.num_kv_heads
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            q, k, v = self._qkv(attn, block.attn_norm(x), cos, sin)
-            self.k[layer][rows, positions] = k[:, :, 0]
-            self.v[layer][rows, positions] = v[:, :, 0]
-            index, valid = self._neighbours(layer, positions)
-            # one query per row: the scores, softmax and sums run in fp32 whatever the model's dtype
-            k_rows = self.k[layer][rows[:, None], index].float()  # [B, K, KV, D]
-            v_rows = self.v[layer][rows[:, None], index].float()
-            qg = q[:, :, 0].reshape(b, c.num_kv_heads, group, c.head_dim).float()
-            gk, gv = attn.global_k.to(q.dtype).float(), attn.global_v.to(q.dtype).float()
-            scale = c.head_dim**-0.5
-            tok = torch.einsum("bcgd,bkcd->bcgk", qg, k_rows) * scale
-            tok = tok.masked_fill(~valid[:, None, None, :], float("-inf"))
-            glb = torch.einsum("bcgd,cjd->bcgj", qg, gk) * scale
-            p = torch.softmax(torch.cat([glb, tok], dim=-1), dim=-1)
-            g = gk.shape[1]
-            out = torch.einsum("bcgj,cjd->bcgd", p[..., :g], gv)
-            out = out + torch.einsum("bcgk,bkcd->bcgd", p[..., g:], v_rows)
-            x = x + attn.o_proj(out.reshape(b, 1, -1).to(x.dtype))
-            x = x + block.mlp(block.mlp_norm(x))
-        return self._logits(x[:, 0])
+from .model import HaloSModel, KVCache
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -177,36 +89,39 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_toke
     max_len = model.config.max_seq_len
     outputs: list[list[int]] = [[] for _ in prompts]
     device = model.embed.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    longest = int(lengths.max())
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
     padded = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        padded[i, : len(p)] = torch.tensor(p, device=device)
-
-    decoder = CachedDecoder(model, len(prompts), min(max_len, longest + max_new_tokens))
+        padded[i, longest - len(p):] = torch.tensor(p, device=device)
+    start = longest - torch.tensor(lengths, device=device)
+    # the shortest prompt generates longest: it ends at max_seq_len positions, or after max_new_tokens
+    cache = KVCache(model.config, len(prompts), longest + min(max_new_tokens, max_len - min(lengths)),
+                    model.embed.weight.dtype, device)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     stop = set(int(t) for t in stop_tokens)
-    active = [True] * len(prompts)
-    logits = decoder.prefill(padded, lengths)
+    live = list(range(len(prompts)))  # the rows still generating, in the cache's batch order
+    logits = model.forward_cached(padded, cache, start, logits_to_keep=1)[:, -1]
     clipped = False
     while True:
         chosen = sample_next(logits, temperature, top_k, top_p, generator)
-        for i, t in enumerate(chosen.tolist()):
-            if not active[i]:
-                continue
+        keep = []
+        for row, (i, t) in enumerate(zip(live, chosen.tolist())):
             if t in stop:
-                active[i] = False
                 continue
             outputs[i].append(t)
             lengths[i] += 1
-            if len(outputs[i]) == max_new_tokens:
-                active[i] = False
-            elif int(lengths[i]) == max_len:
-                active[i], clipped = False, True
-        if not any(active):
+            if lengths[i] == max_len and len(outputs[i]) < max_new_tokens:
+                clipped = True
+            elif len(outputs[i]) < max_new_tokens:
+                keep.append(row)
+        if not keep:
             break
-        # every row feeds its last token; finished rows rewrite a slot they no longer read
-        logits = decoder.step(chosen, lengths - 1)
+        if len(keep) < len(live):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            cache.select(index)
+            live, start, chosen = [live[r] for r in keep], start[index], chosen[index]
+        logits = model.forward_cached(chosen[:, None], cache, start)[:, -1]
     if clipped:
         warnings.warn(f"generation stopped at max_seq_len={max_len} tokens (prompt + generated) for some prompts")
     return outputs
@@ -233,8 +148,8 @@ def tokenizer_name(model_dir: str | Path, tokenizer: str | None = None, data: st
 
     model_dir = Path(model_dir)
     record = model_dir / TOKENIZER_FILE
-    if record.is_file():
-        name = json.loads(record.read_text())["tokenizer"]
+    name = json.loads(record.read_text()).get("tokenizer") if record.is_file() else None
+    if name:
         local = model_dir / name
         return str(local) if local.is_file() else name
     if data is None:
@@ -303,6 +218,10 @@ def main(argv=None) -> int:
                            stop_ids(tokenizer, args.stop), seed=args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"halo-generate: {e}") from None
+    except pickle.UnpicklingError as e:
+        from .export import unpickling_refusal
+
+        raise SystemExit(unpickling_refusal("halo-generate", args.model, e)) from None
     for prompt, out in zip(prompts, outputs):
         text = tokenizer.decode(out)
         if args.json:

@@ -186,24 +186,47 @@ def test_perplexity_refuses_data_of_a_larger_vocabulary(data_dir):
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
-def test_halo_eval_writes_the_table_heatmap_and_perplexity(tmp_path, data_dir, capsys):
+def test_halo_eval_writes_the_table_heatmap_and_perplexity(tmp_path, data_dir, capsys, monkeypatch):
+    """The CLI end to end, checked against what it should have computed: perplexity as perplexity() gives it,
+    the examples make_suite builds, and the scores of a generator whose right answers are known (a copier
+    that sees the last 150 tokens of each prompt answers exactly the needles inside them)."""
+    import halo_pretrain.evaluate.cli as cli
+
     model_dir = tmp_path / "model"
     small_model().save_pretrained(model_dir)
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer": "byte", "data": str(data_dir)}))
+    copier = induction_oracle(150)
+    calls = []
+
+    def generate(model, prompts, n, temperature):
+        assert temperature == 0 and isinstance(model, HaloSModel)  # greedy, on the loaded model
+        calls.append(len(prompts))
+        return copier(prompts, n)
+
+    monkeypatch.setattr(cli, "generate", generate)
     out = tmp_path / "eval"
-    assert eval_main([str(model_dir), "-o", str(out), "--lengths", "300,512", "--depths", "0,1",
-                      "--samples", "1", "--max-tokens", "200"]) == 0
+    assert eval_main([str(model_dir), "-o", str(out), "--lengths", "300,512", "--depths", "0,0.5,1",
+                      "--samples", "2", "--max-tokens", "200", "--seed", "3"]) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert report["perplexity"]["tokens"] >= 200
+    direct = perplexity(small_model(), data_dir, max_tokens=200)
+    assert report["perplexity"] == direct and direct["tokens"] >= 200
+    expected = make_suite(TASKS, [300, 512], [0.0, 0.5, 1.0], 2, BYTE.encode, seed=3)
+    answers = copier([ex.tokens for ex in expected], 16)
+    right = [is_correct(ex, a) for ex, a in zip(expected, answers)]
+    assert 0 < sum(right) < len(right)  # some needles are inside the copier's window, some are not
+    assert len(report["probes"]["examples"]) == len(expected) == 48 and sum(calls) == 48
+    for got, ex, ok in zip(report["probes"]["examples"], expected, right):
+        assert got == {**ex.summary(), "generated": copier([ex.tokens], len(ex.answer))[0], "correct": ok}
     table = report["probes"]["table"]
-    assert set(table) == set(TASKS)
-    assert all(table[t][n][d]["total"] == 1 for t in TASKS for n in ("300", "512") for d in ("0.0", "1.0"))
-    assert len(report["probes"]["examples"]) == 16
-    ex = report["probes"]["examples"][0]
-    assert ex["correct"] == (ex["generated"][: len(ex["answer"])] == ex["answer"])
-    assert "### passkey" in (out / "probes.md").read_text()
+    assert table == accuracy_table(expected, [copier([ex.tokens], len(ex.answer))[0] for ex in expected])
+    for ex, ok in zip(expected, right):
+        cell = table[ex.task][str(ex.length)][str(ex.depth)]
+        assert cell["total"] == 2 and cell["correct"] == sum(
+            r for e, r in zip(expected, right) if (e.task, e.length, e.depth) == (ex.task, ex.length, ex.depth))
+    assert (out / "probes.md").read_text() == table_markdown(table) + "\n"
     assert (out / "probes_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "### copy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"loss {direct['loss']:.4f}" in printed and table_markdown(table) in printed
 
 
 def test_halo_eval_refuses_a_probe_longer_than_max_seq_len(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from halo_pretrain.config import HaloConfig
-from halo_pretrain.generate import CachedDecoder, generate, sample_next
+from halo_pretrain.generate import generate, sample_next
 from halo_pretrain.generate import main as generate_main
-from halo_pretrain.model import HaloSModel
+from halo_pretrain.model import HaloSModel, KVCache
 
 # W=6 and max_seq_len=160: dilated offsets 12, 24, 48, 96 and random keys all matter past position 6
 SMALL = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_globals=2,
@@ -51,13 +51,54 @@ def test_cached_logits_equal_full_forward_logits_at_every_position(attention):
     seq = torch.tensor([random_prompt(150, seed=4)])
     with torch.no_grad():
         full = model(seq)[0]
-        decoder = CachedDecoder(model, batch=1, capacity=150)
+        cache = KVCache(model.config, batch=1, capacity=150)
         prompt_len = 5
-        logits = [decoder.prefill(seq[:, :prompt_len], torch.tensor([prompt_len]))[0]]
+        logits = [model.forward_cached(seq[:, :prompt_len], cache)[0]]
         for pos in range(prompt_len, 149):
-            logits.append(decoder.step(seq[:, pos], torch.tensor([pos]))[0])
-    cached = torch.stack(logits)
-    assert (cached - full[prompt_len - 1: 149]).abs().max().item() < 1e-5 * full.abs().max().item()
+            logits.append(model.forward_cached(seq[:, pos:pos + 1], cache)[0])
+    cached = torch.cat(logits)
+    assert cached.shape == (149, 97)
+    assert (cached - full[:149]).abs().max().item() < 1e-5 * full.abs().max().item()
+
+
+@pytest.mark.parametrize("attention", ["gather", "dense"])
+def test_left_padded_rows_and_several_tokens_per_call_give_each_rows_own_logits(attention):
+    """Rows of different lengths (left-padded, `start` says where each begins), then chunks of 1 to 7
+    tokens per call: every real position's logits are those of the row's own full forward pass."""
+    model = make_model(seed=3, attention=attention)
+    rows = [random_prompt(n, seed=20 + n) for n in (140, 90, 80)]
+    prompt = [r[:n] for r, n in zip(rows, (60, 10, 3))]  # prompts of 60, 10 and 3 tokens
+    longest = 60
+    padded = torch.tensor([[0] * (longest - len(p)) + p for p in prompt])
+    start = torch.tensor([longest - len(p) for p in prompt])
+    cache = KVCache(model.config, batch=3, capacity=longest + 80)
+    with torch.no_grad():
+        first = model.forward_cached(padded, cache, start)
+        fed = 0
+        later = []
+        for m in (1, 7, 3, 1, 5) * 4:  # 68 more tokens per row
+            chunk = torch.tensor([r[len(p) + fed: len(p) + fed + m] for r, p in zip(rows, prompt)])
+            later.append(model.forward_cached(chunk, cache, start))
+            fed += m
+        later = torch.cat(later, dim=1)
+        for b, (row, p) in enumerate(zip(rows, prompt)):
+            full = model(torch.tensor([row[: len(p) + fed]]))[0]
+            scale = full.abs().max().item()
+            assert (first[b, start[b]:] - full[: len(p)]).abs().max().item() < 1e-5 * scale
+            assert (later[b] - full[len(p): len(p) + fed]).abs().max().item() < 1e-5 * scale
+    kept = KVCache(model.config, batch=3, capacity=longest)
+    with torch.no_grad():
+        last = model.forward_cached(padded, kept, start, logits_to_keep=1)
+    assert last.shape == (3, 1, 97) and torch.allclose(last[:, 0], first[:, -1], rtol=0, atol=1e-5)
+
+
+def test_a_cached_position_past_max_seq_len_is_refused():
+    model = make_model()
+    cache = KVCache(model.config, batch=1, capacity=170)
+    with torch.no_grad():
+        model.forward_cached(torch.tensor([random_prompt(160, seed=1)]), cache)
+        with pytest.raises(ValueError, match="sequence length 161 exceeds HaloConfig.max_seq_len=160"):
+            model.forward_cached(torch.tensor([[5]]), cache)
 
 
 def test_each_token_reads_its_halo_neighbours_not_the_whole_past():
@@ -66,12 +107,13 @@ def test_each_token_reads_its_halo_neighbours_not_the_whole_past():
     seq = torch.tensor([random_prompt(120, seed=5)])
     with torch.no_grad():
         full = model(seq)[0]
-        decoder = CachedDecoder(model, batch=1, capacity=120)
-        decoder.prefill(seq[:, :100], torch.tensor([100]))
-        sparse = decoder.step(seq[:, 100], torch.tensor([100]))[0]
+        sparse_cache, dense_cache = (KVCache(model.config, batch=1, capacity=120) for _ in range(2))
+        model.forward_cached(seq[:, :100], sparse_cache)
+        model.forward_cached(seq[:, :100], dense_cache)
+        sparse = model.forward_cached(seq[:, 100:101], sparse_cache)[0, 0]
         model.config.attention = "dense"
         try:
-            dense = decoder.step(seq[:, 100], torch.tensor([100]))[0]
+            dense = model.forward_cached(seq[:, 100:101], dense_cache)[0, 0]
         finally:
             model.config.attention = "gather"
     assert torch.allclose(sparse, full[100], atol=1e-5)
@@ -168,3 +210,16 @@ def test_halo_generate_errors_name_what_to_do(tmp_path):
     exported(tmp_path / "bare", tokenizer_record=False)
     with pytest.raises(SystemExit, match=r"no tokenizer_config.json .*pass --tokenizer"):
         generate_main([str(tmp_path / "bare"), "--prompt", "hi"])
+
+
+def test_a_truncated_weights_file_is_a_one_line_error_naming_it(tmp_path):
+    exported(tmp_path / "m")
+    weights = tmp_path / "m/model.safetensors"
+    data = weights.read_bytes()
+    for cut in (len(data) // 2, 5):  # the tensors cut short; the header itself cut short
+        weights.write_bytes(data[:cut])
+        with pytest.raises(SystemExit) as err:
+            generate_main([str(tmp_path / "m"), "--prompt", "hi"])
+        message = str(err.value.code)
+        assert message.startswith(f"halo-generate: {weights} is not a readable safetensors file")
+        assert "truncated or corrupt; copy it again or re-run halo-export" in message and "\n" not in message

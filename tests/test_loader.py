@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from halo_pretrain.data.loader import PackedDataset, SampleStream, TrainLoader, open_stream, rank_sample_start
+from halo_pretrain.data.loader import (PackedDataset, SampleStream, ShardError, TrainLoader, checksum_problems,
+                                       open_stream, rank_sample_start)
 from halo_pretrain.data.manifest import ManifestError
-from train_utils import make_prepared_dir
+from train_utils import make_prepared_dir, record_checksums
 
 SEQ = 8
 
@@ -136,3 +137,59 @@ def test_open_stream_checks(two_dirs, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="must share one tokenizer"):
         open_stream([(str(a), 1.0), (str(other), 1.0)], "train", SEQ, 0, True)
+
+
+def test_a_flipped_byte_fails_its_shards_checksum_on_exactly_one_rank(tmp_path):
+    d = record_checksums(make_prepared_dir(tmp_path / "d", docs(20, 20, "d"), docs(3, 20, "v"), docs_per_shard=10))
+    train, val = PackedDataset(d, "train", SEQ), PackedDataset(d, "validation", SEQ)
+    assert len(train.checksummed_files()) == 4 and checksum_problems([train, val]) == []
+    shard = d / "train_00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[6] ^= 0x01  # a token's low bit: still inside the vocabulary, seen by the checksum only
+    shard.write_bytes(bytes(data))
+    train = PackedDataset(d, "train", SEQ)
+    problems = checksum_problems([train, val])
+    assert len(problems) == 1 and problems[0].startswith(f"{shard}: checksum sha256:")
+    assert f"halo-prep verify {d}" in problems[0]
+    shares = [checksum_problems([train, val], rank, 3) for rank in range(3)]  # the files shared out over 3 ranks
+    assert sorted(len(s) for s in shares) == [0, 0, 1]
+
+
+def test_a_shard_that_disagrees_with_its_manifest_is_refused_at_open(tmp_path):
+    d = make_prepared_dir(tmp_path / "d", docs(20, 20, "d"), [], docs_per_shard=10)
+    other = make_prepared_dir(tmp_path / "o", docs(15, 20, "o"), [], docs_per_shard=15)
+    for suffix in ("bin", "idx"):  # another, consistent shard in its place: 15 documents of 21 tokens, not 10
+        (d / f"train_00001.{suffix}").write_bytes((other / f"train_00000.{suffix}").read_bytes())
+    with pytest.raises(ShardError, match=rf"{d}/train_00001.bin: 315 tokens, .*manifest.json says 210: the shard "
+                                         rf"was changed or replaced after halo-prep; check the directory with "
+                                         rf"`halo-prep verify {d}`"):
+        PackedDataset(d, "train", SEQ)
+
+
+def test_an_out_of_vocabulary_token_names_its_shard_and_position(tmp_path):
+    d = make_prepared_dir(tmp_path / "d", docs(20, 20, "d"), [], docs_per_shard=10)
+    shard = d / "train_00000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[19] = 60000
+    tokens.tofile(shard)
+    ds = PackedDataset(d, "train", SEQ, shuffle=False)  # sizes unchanged: opens
+    ds.raw(0), ds.raw(1)  # samples 0 and 1 cover tokens 0..16
+    with pytest.raises(ShardError, match=rf"{shard}: token 60000 at position 19 is outside the vocabulary 0..256"):
+        ds.raw(2)
+
+
+def test_a_train_split_left_empty_is_refused_at_prep_and_explained_at_train(tmp_path, capsys):
+    from data_prep.cli import main
+
+    text = tmp_path / "in.txt"
+    text.write_text("some text\n" * 20)
+    out = tmp_path / "out"
+    assert main([str(text), "-o", str(out), "--tokenizer", "byte", "--val-fraction", "1.0", "--workers", "0",
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--val-fraction must be within [0, 1), got 1.0: it would put every document in the validation split" in err
+    assert not (out / "manifest.json").exists()
+    only_val = make_prepared_dir(tmp_path / "v", [], docs(5, 20, "v"))
+    with pytest.raises(ManifestError, match=r"split 'train' has no shards \(every document went to the validation "
+                                            r"split.*smaller --val-fraction"):
+        open_stream([(str(only_val), 1.0)], "train", SEQ, 0, True)

@@ -121,11 +121,46 @@ def test_sparse_flops_grow_linearly_and_dense_quadratically():
     assert 15 < d64k / d4k < 17
 
 
-def test_untied_head_and_gelu_variant_count_their_parameters():
-    c = HaloConfig(**{**SMALL, "tie_embeddings": False, "use_swiglu": False, "norm": "layernorm"})
-    model = HaloSModel(c)
+def test_untied_head_and_gelu_variant_compute_their_own_function_and_count_their_parameters(tmp_path):
+    """LayerNorm without bias, a tanh-GELU MLP with no gate and an untied head, spelled out from the weights
+    (attention by the reference definition) against the model's forward."""
+    import torch.nn.functional as F
+
+    from halo_pretrain.attention import reference_attention
+
+    model = make_model(tie_embeddings=False, use_swiglu=False, norm="layernorm").eval()
+    c = model.config
     assert model.num_parameters() == hand_count_parameters(c)
-    assert model(tokens(1, 20)).shape == (1, 20, 97)
+    assert not hasattr(model.blocks[0].mlp, "gate_proj") and model.lm_head.weight is not model.embed.weight
+    x = tokens(1, 120)
+    n, d = x.shape[1], c.head_dim
+    angles = torch.arange(n)[:, None] * c.rope_theta ** (-torch.arange(0, d, 2) / d)  # [N, D/2]
+
+    def rope(t):  # rotate (first half, second half) pairs of each head by the position's angles
+        a, b = t[..., : d // 2], t[..., d // 2:]
+        return torch.cat([a * angles.cos() - b * angles.sin(), b * angles.cos() + a * angles.sin()], dim=-1)
+
+    def norm(h, module):
+        return F.layer_norm(h, (c.hidden_size,), module.weight, None, c.norm_eps)
+
+    def heads(h, weight, count):
+        return (h @ weight.T).view(1, n, count, d).transpose(1, 2)
+
+    with torch.no_grad():
+        h = model.embed.weight[x]
+        for layer, block in enumerate(model.blocks):
+            a, at = norm(h, block.attn_norm), block.attn
+            q, k = rope(heads(a, at.q_proj.weight, c.num_heads)), rope(heads(a, at.k_proj.weight, c.num_kv_heads))
+            v = heads(a, at.v_proj.weight, c.num_kv_heads)
+            o = reference_attention(q, k, v, at.global_k, at.global_v, c, layer)
+            h = h + o.transpose(1, 2).reshape(1, n, -1) @ at.o_proj.weight.T
+            m = norm(h, block.mlp_norm)
+            h = h + F.gelu(m @ block.mlp.up_proj.weight.T, approximate="tanh") @ block.mlp.down_proj.weight.T
+        by_hand = norm(h, model.norm) @ model.lm_head.weight.T
+        assert (model(x) - by_hand).abs().max().item() <= 1e-5
+        model.save_pretrained(tmp_path)  # the untied head is saved and loaded as its own tensor
+        loaded = HaloSModel.from_pretrained(tmp_path).eval()
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight) and torch.equal(loaded(x), model(x))
 
 
 def test_save_pretrained_then_from_pretrained_gives_identical_logits(tmp_path):

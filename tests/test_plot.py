@@ -9,17 +9,28 @@ import numpy as np
 import pytest
 
 from halo_pretrain.plot import main, read_metrics, series
+from halo_pretrain.train.checkpoint import TrainerState
+from halo_pretrain.train.metrics import METRICS_FILE, truncate_metrics
+from halo_pretrain.train.trainer import NonFinite, StepResult, step_record
+
+SAMPLES, SEQ = 8, 64
 
 
-def write_run(directory, steps, loss_scale, val_every=5):
-    directory.mkdir(parents=True)
-    lines = []
-    for step in range(1, steps + 1):
-        lines.append({"step": step, "loss": loss_scale * 5 / math.sqrt(step), "lr": 1e-3 * min(1, step / 5),
-                      "consumed_samples": 8 * step, "tokens": 8 * 64 * step, "tokens_per_s": 1000 + step})
-        if step % val_every == 0:
-            lines.append({"step": step, "val_loss": loss_scale * 5.5 / math.sqrt(step)})
-    (directory / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+def log_steps(directory, steps, loss_scale, val_every=5, skipped=(), state=None):
+    """Append the lines the trainer writes for these steps: its own records (step_record), evaluation
+    results in the step's line, a skipped step with loss null. Returns the trainer state after them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = state or TrainerState()
+    with open(directory / METRICS_FILE, "a") as f:
+        for step in steps:
+            state.step, state.consumed_samples, state.tokens = step, SAMPLES * step, SAMPLES * SEQ * step
+            result = StepResult(loss_scale * 5 / math.sqrt(step), NonFinite.GRADIENT if step in skipped else None,
+                                False, 1.0)
+            record = step_record(state, result, 1e-3 * min(1, step / 5), 0.5 + step / 100, SAMPLES * SEQ, None)
+            if step % val_every == 0:
+                record["val_loss"], record["val_ppl"] = loss_scale * 5.5 / math.sqrt(step), 10.0
+            f.write(json.dumps(record) + "\n")
+    return state
 
 
 def png_size(path):
@@ -36,8 +47,8 @@ def png_size(path):
 def test_plots_are_valid_pngs_of_800_by_500_with_both_runs_drawn(tmp_path):
     import matplotlib.image
 
-    write_run(tmp_path / "halo", 30, 1.0)
-    write_run(tmp_path / "dense", 30, 1.2)
+    log_steps(tmp_path / "halo", range(1, 31), 1.0, skipped={7})
+    log_steps(tmp_path / "dense", range(1, 31), 1.2)
     out = tmp_path / "plots"
     assert main([str(tmp_path / "halo"), str(tmp_path / "dense"), "-o", str(out)]) == 0
     names = sorted(p.name for p in out.glob("*.png"))
@@ -50,18 +61,29 @@ def test_plots_are_valid_pngs_of_800_by_500_with_both_runs_drawn(tmp_path):
     for colour in ("#1f77b4", "#ff7f0e"):  # matplotlib's first two line colours: one per run
         rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
         assert (np.abs(pixels - rgb).max(-1) < 0.02).sum() > 200
+    records = read_metrics(tmp_path / "halo")
+    steps, losses = series(records, "loss", "step")
+    assert steps == [s for s in range(1, 31) if s != 7]  # the skipped step has no loss to draw
+    assert losses[:2] == [5.0, 5 / math.sqrt(2)]
+    assert series(records, "val_loss", "tokens") == ([SAMPLES * SEQ * s for s in (5, 10, 15, 20, 25, 30)],
+                                                     [5.5 / math.sqrt(s) for s in (5, 10, 15, 20, 25, 30)])
+    assert series(records, "tokens_per_s", "step")[1][0] == pytest.approx(SAMPLES * SEQ / 0.51)
 
 
-def test_a_step_logged_twice_after_a_resume_keeps_its_last_line(tmp_path):
+def test_a_resumed_run_is_plotted_once_per_step(tmp_path):
+    """A run killed after step 5 (its last line torn) resumes from its step-3 checkpoint: the trainer drops
+    the lines after step 3, then logs steps 4 to 6 again, with other values."""
     run = tmp_path / "run"
-    run.mkdir()
-    lines = [{"step": s, "loss": 10.0 - s, "tokens": 100 * s, "lr": 0.1} for s in (1, 2, 3, 4)]
-    lines += [{"step": s, "loss": 20.0 - s, "tokens": 100 * s, "lr": 0.1} for s in (3, 4, 5)]  # resumed from 2
-    lines.append({"step": 4, "val_loss": 7.5})
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"step\": 6, \"lo")
+    state = log_steps(run, range(1, 6), 1.0)
+    with open(run / METRICS_FILE, "a") as f:
+        f.write('{"step": 6, "lo')
+    truncate_metrics(run, 3)
+    log_steps(run, range(4, 7), 2.0, state=state)
     records = read_metrics(run)
-    assert series(records, "loss", "step") == ([1, 2, 3, 4, 5], [9.0, 8.0, 17.0, 16.0, 15.0])
-    assert series(records, "val_loss", "tokens") == ([400], [7.5])
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert series(records, "loss", "step") == ([1, 2, 3, 4, 5, 6], [5 / math.sqrt(s) for s in (1, 2, 3)]
+                                               + [10 / math.sqrt(s) for s in (4, 5, 6)])
+    assert series(records, "val_loss", "step") == ([5], [11 / math.sqrt(5)])
 
 
 def test_missing_metrics_file_and_corrupt_line_are_clear_errors(tmp_path, capsys):

@@ -33,3 +33,51 @@ def test_compiled_run_matches_eager_losses(tmp_path, monkeypatch):
     assert len(runs["compiled"]) == len(runs["eager"]) == 5
     for step, (got, want) in enumerate(zip(runs["compiled"], runs["eager"]), 1):
         assert abs(got - want) <= 2e-4 * abs(want), f"step {step}: compiled loss {got} vs eager {want}"
+
+
+@pytest.mark.parametrize("attention", ["triton", "gather", "dense"])
+def test_every_block_runs_compiled_under_activation_checkpointing(attention):
+    """With activation checkpointing the blocks are compiled one by one. Each HALO-S block's pattern
+    depends on its layer index; dynamo once compiled a graph per layer and ran every block past its
+    recompile limit (8) eager. Counted here: every block's forward and its recompute run a compiled graph."""
+    import torch
+
+    from halo_pretrain.config import HaloConfig
+    from halo_pretrain.model import HaloSModel
+    from halo_pretrain.train.engine import compile_model
+
+    layers = 6  # a graph per layer and grad mode (12) would pass the recompile limit (8)
+    config = HaloConfig(vocab_size=97, hidden_size=32, num_layers=layers, num_heads=2, num_kv_heads=1, num_globals=2,
+                        local_window=4, max_seq_len=64, attention=attention)
+    torch.manual_seed(0)
+    model = HaloSModel(config)
+    ids = torch.randint(0, 97, (2, 25))
+
+    def run_block(block, x, cos, sin, backend):  # reentrant, as DeepSpeed's checkpoint function is
+        return torch.utils.checkpoint.checkpoint(lambda h: block(h, cos, sin, backend), x, use_reentrant=True)
+
+    model.block_runner = run_block
+    _, eager_loss = model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    graphs, calls = [], []
+
+    def counting_compiler(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            calls.append(len(graphs))
+            return gm.forward(*args)
+        return run
+
+    torch._dynamo.reset()
+    compile_model(model, activation_checkpointing=1, device=torch.device("cpu"), compiler=counting_compiler)
+    _, loss = model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+    loss.backward()
+    assert len(calls) == 2 * layers, f"{len(calls)} of {2 * layers} block calls ran a compiled graph"
+    if attention != "gather":  # layer 0's graph, then one with the layer as an input per grad mode
+        assert len(graphs) <= 3, f"{len(graphs)} graphs for {layers} identical blocks"
+    assert torch.equal(loss, eager_loss)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), eager_grads))

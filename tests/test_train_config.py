@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,20 +112,64 @@ def test_ds_config_is_filled_from_the_run_config(config_file):
         build_ds_config(load_run_config(config_file, ["deepspeed.offload=true"]), batch_plan(cfg, 1))
 
 
-def test_optional_logging_packages_are_checked_at_start(config_file):
+def test_optional_logging_packages_are_checked_at_start(config_file, monkeypatch):
+    """wandb and TensorBoard are optional: asked for but missing is an error at start, not asked for (or wandb
+    disabled, by the key or by WANDB_MODE) it is no error. The packages' absence is simulated."""
     import importlib.util
 
     from halo_pretrain.train.metrics import check_logging_packages
 
-    check_logging_packages(load_run_config(config_file, ["logging.wandb_project=p", "logging.wandb_mode=offline"]))
-    check_logging_packages(load_run_config(config_file, ["logging.wandb_project=p", "logging.wandb_mode=disabled"]))
-    cfg = load_run_config(config_file, ["logging.tensorboard=true"])
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(ConfigError, match="logging.tensorboard is set but the 'tensorboard' package is not "
-                                              "installed: pip install tensorboard"):
-            check_logging_packages(cfg)
-    else:
-        check_logging_packages(cfg)
+    real_find_spec, missing = importlib.util.find_spec, set()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else real_find_spec(name, *a))
+    wandb = lambda *keys: load_run_config(config_file, ["logging.wandb_project=p", *keys])  # noqa: E731
+    missing.update({"wandb", "tensorboard"})
+    with pytest.raises(ConfigError, match=r"logging.wandb_project is set but the 'wandb' package is not installed: "
+                                          r"pip install wandb, or unset logging.wandb_project"):
+        check_logging_packages(wandb("logging.wandb_mode=offline"))
+    with pytest.raises(ConfigError, match="logging.tensorboard is set but the 'tensorboard' package is not "
+                                          "installed: pip install tensorboard"):
+        check_logging_packages(load_run_config(config_file, ["logging.tensorboard=true"]))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConfigError, match="'wandb' package is not installed"):
+        check_logging_packages(wandb())
+    check_logging_packages(wandb("logging.wandb_mode=disabled"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    check_logging_packages(wandb())  # logging.wandb_mode unset: WANDB_MODE decides
+    check_logging_packages(load_run_config(config_file))  # nothing asked for
+    missing.clear()
+    monkeypatch.setenv("WANDB_MODE", "online")
+    check_logging_packages(wandb())  # installed
+
+
+def test_wandb_mode_left_unset_follows_WANDB_MODE_and_online_without_an_api_key_logs_offline(
+        config_file, tmp_path, monkeypatch):
+    from halo_pretrain.train.metrics import start_wandb, wandb_mode
+
+    unset = load_run_config(config_file, ["logging.wandb_project=p"]).logging
+    assert unset.wandb_mode is None
+    assert wandb_mode(unset, {"WANDB_MODE": "offline"}) == "offline"
+    assert wandb_mode(unset, {"WANDB_MODE": "dryrun"}) == "offline"  # wandb's older name
+    assert wandb_mode(unset, {}) == "online"
+    set_ = load_run_config(config_file, ["logging.wandb_project=p", "logging.wandb_mode=disabled"]).logging
+    assert wandb_mode(set_, {"WANDB_MODE": "online"}) == "disabled"  # the key wins over the environment
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings: no API key anywhere
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_run_config(config_file, ["logging.wandb_project=p", f"run.dir={run_dir}"])
+    said = []
+    run = start_wandb(cfg, run_dir, wandb_mode(cfg.logging), say=said.append)
+    try:
+        assert run.offline
+        run.log({"loss": 1.0}, step=1)
+    finally:
+        run.finish()
+    assert len(said) == 1 and "wandb could not log online (UsageError: No API key configured" in said[0]
+    assert f"upload it later with `wandb sync {run_dir / 'wandb'}/offline-run-*`" in said[0]
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
 
 
 def test_schedules():
@@ -224,3 +269,21 @@ def test_cli_config_error_exit_code_and_message(tmp_path, config_file):
     printed = subprocess.run([sys.executable, "-m", "halo_pretrain.train", "--config", "quickstart", "--print-config",
                               "train.steps=5"], env=train_env(), cwd=REPO, capture_output=True, text=True)
     assert printed.returncode == 0 and "steps: 5" in printed.stdout
+
+
+def test_ctrl_c_is_a_stop_request_and_a_second_one_stops_at_once():
+    script = """
+import os, signal
+from halo_pretrain.train.signals import StopRequest
+stop = StopRequest(announce=True).install()
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    assert signal.getsignal(sig) == stop._handle, sig
+os.kill(os.getpid(), signal.SIGINT)
+print("requested", stop.signal_name, flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+print("survived the second Ctrl-C", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=train_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert proc.stdout == "requested SIGINT\n"
+    assert "press Ctrl-C again to stop at once without saving" in proc.stderr

@@ -23,7 +23,7 @@ from train_utils import (losses, make_prepared_dir, run_train, run_until_killed,
 
 pytestmark = pytest.mark.slow
 
-COMBOS = [(0, 1), (2, 1), (3, 1), (0, 2), (2, 2), (3, 2)]  # (ZeRO stage, processes)
+COMBOS = [(0, 1), (2, 1), (3, 1), (0, 2), (1, 2), (2, 2), (3, 2)]  # (ZeRO stage, processes)
 STEPS = {(0, 1): 30}  # this one also shows the loss falling; the others are shorter
 DEFAULT_STEPS = 12
 INTERVAL = 4

@@ -48,6 +48,18 @@ def make_prepared_dir(out: Path, train_docs: list[str], val_docs: list[str], doc
     return out
 
 
+def record_checksums(data_dir: Path) -> Path:
+    """Record every shard file's SHA-256 in the manifest, as halo-prep does (make_prepared_dir leaves them out)."""
+    from halo_pretrain.fileio import sha256_file
+
+    manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+    for entries in manifest["splits"].values():
+        for e in entries:
+            e["checksums"] = {s: "sha256:" + sha256_file(data_dir / f"{e['prefix']}.{s}") for s in ("bin", "idx")}
+    (data_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return data_dir
+
+
 def stdlib_sources(limit_bytes: int, skip: int = 0) -> list[str]:
     """Real text that exists on every machine: the Python standard library's own source files."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -90,10 +102,17 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
-def train_env() -> dict:
+def train_env(gpu: bool = False) -> dict:
+    """The environment of a halo-train process: CPU ranks, or (gpu=True) the GPUs this machine has,
+    compiled Triton kernels and DeepSpeed's CUDA accelerator."""
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), DS_ACCELERATOR="cpu",
-               WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), WANDB_MODE="offline",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if gpu:
+        for key in ("DS_ACCELERATOR", "TRITON_INTERPRET"):
+            env.pop(key, None)
+    else:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -111,8 +130,13 @@ def train_command(config: Path, nproc: int, overrides: list[str] = (), port: int
 
 
 def run_train(config: Path, nproc: int = 1, overrides: list[str] = (), timeout: float = 300,
-              check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(config, nproc, overrides), env=train_env(), cwd=REPO, text=True,
+              check: bool = True, gpu: bool = False, port: int | None = None) -> subprocess.CompletedProcess:
+    """port: the rendezvous port of a single process, for runs started at the same moment (each picking
+    a free port on its own can pick the same one)."""
+    env = train_env(gpu)
+    if port is not None:
+        env["MASTER_PORT"] = str(port)
+    proc = subprocess.run(train_command(config, nproc, overrides), env=env, cwd=REPO, text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"halo-train exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"

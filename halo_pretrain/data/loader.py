@@ -23,13 +23,37 @@ restart at c on any world size continues with exactly the next sample.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..fileio import sha256_file
 from .indexed import IndexedDataset
-from .manifest import ManifestError, load_manifest
+from .manifest import MANIFEST_NAME, ManifestError, ShardEntry, load_manifest
+
+
+class ShardError(ValueError):
+    """A shard that does not match its manifest, or holds a token outside the vocabulary: corrupted or
+    changed after halo-prep. The message names the file and what to do."""
+
+
+def _fix_hint(root: Path) -> str:
+    return f"check the directory with `halo-prep verify {root}` and prepare it again"
+
+
+def check_shard(shard: IndexedDataset, entry: ShardEntry, manifest) -> None:
+    """The shard's dtype, token and document counts and .bin size against its manifest entry (cheap:
+    the index only)."""
+    where = manifest.root / MANIFEST_NAME
+    expected = entry.num_tokens * shard.dtype.itemsize
+    found = [(shard.dtype.name, manifest.dtype, "dtype"), (shard.num_tokens, entry.num_tokens, "tokens"),
+             (shard.num_docs, entry.num_docs, "documents"), (os.path.getsize(shard.bin_path), expected, "bytes")]
+    for got, want, what in found:
+        if got != want:
+            raise ShardError(f"{shard.bin_path}: {got} {what}, {where} says {want}: the shard was changed or "
+                             f"replaced after halo-prep; {_fix_hint(manifest.root)}")
 
 
 class PackedDataset:
@@ -41,6 +65,9 @@ class PackedDataset:
         self.seed, self.index, self.shuffle = seed, index, shuffle
         self.manifest = load_manifest(data_dir)
         self.shards = [IndexedDataset(str(p)) for p in self.manifest.shard_prefixes(split)]
+        self.entries = self.manifest.splits[split]
+        for shard, entry in zip(self.shards, self.entries):
+            check_shard(shard, entry, self.manifest)
         per_shard = [max(0, (int(s.num_tokens) - 1) // seq_len) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(per_shard, dtype=np.int64)])
         self.num_samples = int(self.starts[-1])
@@ -50,10 +77,22 @@ class PackedDataset:
         return self.num_samples
 
     def raw(self, i: int) -> np.ndarray:
-        """Sample i in file order (no shuffle)."""
+        """Sample i in file order (no shuffle); a token outside the vocabulary is a ShardError naming it."""
         shard = int(np.searchsorted(self.starts, i, side="right")) - 1
         start = (i - int(self.starts[shard])) * self.seq_len
-        return np.asarray(self.shards[shard].tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        tokens = np.asarray(self.shards[shard].tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        vocab = self.manifest.vocab_size
+        if len(tokens) and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+            bad = int(np.argmax((tokens >= vocab) | (tokens < 0)))
+            raise ShardError(f"{self.shards[shard].bin_path}: token {int(tokens[bad])} at position {start + bad} is "
+                             f"outside the vocabulary 0..{vocab - 1} of {self.manifest.root / MANIFEST_NAME}: the "
+                             f"shard is corrupted; {_fix_hint(self.manifest.root)}")
+        return tokens
+
+    def checksummed_files(self) -> list[tuple[Path, str]]:
+        """(file, "sha256:<hex>" the manifest recorded) of every shard file with a recorded checksum."""
+        return [(Path(f"{self.manifest.root / entry.prefix}.{suffix}"), want)
+                for entry in self.entries for suffix, want in sorted(entry.checksums.items())]
 
     def permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
@@ -68,6 +107,19 @@ class PackedDataset:
 
     def sample(self, j: int) -> np.ndarray:
         return self.raw(self.file_index(j))
+
+
+def checksum_problems(datasets: list[PackedDataset], rank: int = 0, world_size: int = 1) -> list[str]:
+    """This rank's share (every world_size-th file) of the shard files against the manifest's SHA-256."""
+    files = sorted({f for d in datasets for f in d.checksummed_files()})
+    problems = []
+    for path, want in files[rank::world_size]:
+        got = "sha256:" + sha256_file(path)
+        if got != want:
+            root = path.parent
+            problems.append(f"{path}: checksum {got} differs from the manifest's {want}: the shard is corrupted "
+                            f"or was changed after halo-prep; {_fix_hint(root)}")
+    return problems
 
 
 class SampleStream:

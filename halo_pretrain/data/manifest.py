@@ -52,10 +52,13 @@ class Manifest:
             raise ManifestError(
                 f"{self.root / MANIFEST_NAME} has no split {split!r} (it has: {', '.join(self.splits) or 'none'})")
         if not self.splits[split]:
-            raise ManifestError(
-                f"{self.root / MANIFEST_NAME}: split {split!r} has no shards "
-                f"(prepared with --val-fraction 0, or too few documents); re-run halo-prep with "
-                f"--val-fraction > 0 if you need it")
+            if split == "train":
+                why = ("every document went to the validation split, or there were too few documents; re-run "
+                       "halo-prep with a smaller --val-fraction (the default is 0.01) or more input")
+            else:
+                why = ("prepared with --val-fraction 0, or too few documents; re-run halo-prep with "
+                       "--val-fraction > 0 if you need it")
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: split {split!r} has no shards ({why})")
         return [self.root / e.prefix for e in self.splits[split]]
 
     def num_tokens(self, split: str) -> int:

@@ -20,12 +20,13 @@ Every tokenizer has ``name`` (canonical, used to refuse mixing shards of differe
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from ..fileio import sha256_file
 
 __all__ = ["Tokenizer", "ByteTokenizer", "TiktokenTokenizer", "get_tokenizer", "TokenizerError",
            "ENDOFTEXT", "KNOWN_TIKTOKEN_NAMES"]
@@ -181,20 +182,12 @@ def _tiktoken_by_name(name: str) -> TiktokenTokenizer:
     return TiktokenTokenizer(enc, name=name, spec=name)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tiktoken_from_file(path: Path) -> TiktokenTokenizer:
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
     spec = str(path.resolve())
-    digest = _file_sha256(path)
+    digest = sha256_file(path)
     try:
         ranks = load_tiktoken_bpe(str(path))
     except Exception as e:

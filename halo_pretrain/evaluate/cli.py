@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -125,6 +126,10 @@ def main(argv=None) -> int:
                                           args.batch_size, defaults=not args.lengths)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"halo-eval: {e}") from None
+    except pickle.UnpicklingError as e:
+        from ..export import unpickling_refusal
+
+        raise SystemExit(unpickling_refusal("halo-eval", model_dir, e)) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     written = [out / "eval.json"]

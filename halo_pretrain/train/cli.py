@@ -11,15 +11,16 @@ import os
 import sys
 import traceback
 
-from .signals import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_ERROR
+from .signals import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="halo-train",
         description="Pretrain a HALO-S model with DeepSpeed. Overrides are dotted keys: train.steps=100.",
-        epilog="exit codes: 0 done, 1 error, 2 bad config/input, 3 too many non-finite losses, "
-               "4 checkpoint save/load failed, 75 stopped by SIGTERM/SIGUSR1 after saving (rerun to resume)")
+        epilog="exit codes: 0 done, 1 error, 2 bad config/input or run.dir in use, 3 too many non-finite "
+               "losses or gradients, 4 checkpoint save/load failed, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after "
+               "saving (rerun to resume), 130 a second Ctrl-C (stopped at once)")
     parser.add_argument("--config", "-c", help="a run YAML file, or a built-in recipe name (quickstart, 125m, ...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
               "see docs/training.md", file=sys.stderr)
         return EXIT_CONFIG
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..data.loader import ShardError
     from .checkpoint import CheckpointError
     from .distributed import discover
     from .run_config import ConfigError, load_run_config
@@ -53,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"halo-train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except ShardError as e:  # met while reading, by the rank that read it
+        print(f"halo-train: rank {rank}: error: data: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C before the training loop started: nothing to save
+        print(f"halo-train: rank {rank}: interrupted before training started (exit {EXIT_INTERRUPTED})",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except CheckpointError as e:
         print(f"halo-train: rank {rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT

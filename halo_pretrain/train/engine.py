@@ -12,7 +12,7 @@ from ..attention import get_attention_fn, resolve_backend
 from .optim import build_optimizer
 from .run_config import ConfigError, RunConfig
 
-DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"  # package data
 
 
 @dataclass(frozen=True)
@@ -111,18 +111,34 @@ def set_activation_checkpointing(model, every_k: int) -> None:
     model.block_runner = run_block
 
 
-def compile_model(model: torch.nn.Module, activation_checkpointing: int, device: torch.device) -> None:
+# Backends whose compiled graph can take the layer's index as a runtime int (the Triton op's hash key), so
+# one graph serves every block; the torch-traced ones (gather, reference, flex) build each layer's
+# pattern while tracing and need a graph per layer.
+LAYER_AS_RUNTIME_INT = ("triton",)
+
+
+def compile_model(model: torch.nn.Module, activation_checkpointing: int, device: torch.device,
+                  compiler: str = "inductor") -> None:
     """torch.compile the whole model with its loss as one graph (norms, RoPE, SwiGLU and cross-entropy
     fused; 127 vs 222 ms per 65k-token step against compiling block by block on an H100,
     docs/benchmarks.md). With activation checkpointing, block by block: DeepSpeed's checkpoint function
     stays outside the compiled graphs. The attention backend is loaded first: an import inside the
     traced forward would split the graph at every layer."""
-    get_attention_fn(resolve_backend(model.config.attention, device))
+    backend = resolve_backend(model.config.attention, device)
+    get_attention_fn(backend)
     if activation_checkpointing > 0:
-        for block in model.blocks:  # the blocks are identical: one compiled graph, reused
-            block.compile()
+        # The blocks share one forward. Dynamo specialises on int attributes of modules, here each block's
+        # layer index, so it compiled one graph per layer and per grad mode, and past its recompile limit
+        # (8) ran the remaining blocks eager: at 1.3b, 2/3 of the HALO-S blocks, never the dense ones.
+        if backend in LAYER_AS_RUNTIME_INT:
+            torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        else:
+            limit = 2 * len(model.blocks) + 4  # a forward and a recompute graph per layer, and slack
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        for block in model.blocks:
+            block.compile(backend=compiler)
     else:
-        model.compile()
+        model.compile(backend=compiler)
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, device: torch.device,

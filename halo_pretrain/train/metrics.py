@@ -25,12 +25,41 @@ def check_logging_packages(run_config) -> None:
     from .run_config import ConfigError
 
     log = run_config.logging
-    wanted = [("wandb", "logging.wandb_project", bool(log.wandb_project) and log.wandb_mode != "disabled"),
+    wanted = [("wandb", "logging.wandb_project", bool(log.wandb_project) and wandb_mode(log) != "disabled"),
               ("tensorboard", "logging.tensorboard", log.tensorboard)]
     for package, key, asked in wanted:
         if asked and importlib.util.find_spec(package) is None:
             raise ConfigError(f"{key} is set but the '{package}' package is not installed: pip install {package}, "
                               f"or unset {key}")
+
+
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older names
+
+
+def wandb_mode(log, env=os.environ) -> str:
+    """logging.wandb_mode; left unset, $WANDB_MODE; else online."""
+    mode = log.wandb_mode or env.get("WANDB_MODE") or "online"
+    return WANDB_MODE_ALIASES.get(mode, mode)
+
+
+def start_wandb(run_config, run_dir: Path, mode: str, say=print):
+    """wandb.init; when online logging cannot start (no API key, no network) it logs offline instead,
+    saying how to upload later: a logging problem never stops a training run."""
+    import wandb
+
+    log = run_config.logging
+    kwargs = dict(project=log.wandb_project, entity=log.wandb_entity, name=run_config.run.name, dir=str(run_dir),
+                  resume="allow", id=_wandb_id(run_dir), config=run_config.model_dump(mode="json"))
+    try:
+        return wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # wandb.errors.UsageError without an API key, CommError without a network, ...
+        if mode != "online":
+            raise
+        where = Path(run_dir) / "wandb"
+        say(f"[halo-train] wandb could not log online ({type(e).__name__}: {e}); logging offline to {where} "
+            f"instead: upload it later with `wandb sync {where}/offline-run-*` (`wandb login` or WANDB_API_KEY "
+            "for online logging)")
+        return wandb.init(mode="offline", **kwargs)
 
 
 def peak_flops(configured_tflops: float | None) -> float | None:
@@ -214,12 +243,8 @@ class MetricsLogger:
         self.file = open(Path(run_dir) / METRICS_FILE, "a")
         log = run_config.logging
         self.console = Console(total_steps, start_step, log.log_interval, log.progress_bar, stream)
-        if log.wandb_project and log.wandb_mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(project=log.wandb_project, entity=log.wandb_entity, mode=log.wandb_mode,
-                                    name=run_config.run.name, dir=str(run_dir), resume="allow",
-                                    id=_wandb_id(run_dir), config=run_config.model_dump(mode="json"))
+        if log.wandb_project and wandb_mode(log) != "disabled":
+            self.wandb = start_wandb(run_config, run_dir, wandb_mode(log))
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

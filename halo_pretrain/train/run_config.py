@@ -53,6 +53,7 @@ class BlendEntry(_Section):
 class DataSection(_Section):
     path: Optional[str] = None
     blend: Optional[list[BlendEntry]] = None
+    verify_checksums: bool = True  # hash every shard against the manifest at start (false: sizes only)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -80,7 +81,7 @@ class TrainSection(_Section):
     grad_clip: float = Field(default=1.0, ge=0)  # 0: no clipping
     activation_checkpointing: int = Field(default=0, ge=0)  # 0 none, 1 every layer, k every k-th layer
     compile: bool = False  # torch.compile the model and loss as one graph (block by block with act. ckpt); ZeRO 0-2
-    max_nonfinite_steps: int = Field(default=10, ge=0)  # stop (exit 3) once more steps than this were skipped
+    max_nonfinite_steps: int = Field(default=10, ge=0)  # NaN/inf loss or gradient: skipped; exit 3 past this many
     peak_tflops: Optional[float] = Field(default=None, gt=0)  # per device, for MFU; None: known GPUs only
     check_memory: bool = True  # refuse a run whose memory estimate exceeds the device's free memory
 
@@ -127,7 +128,7 @@ class LoggingSection(_Section):
     log_interval: int = Field(default=10, gt=0)  # steps per plain console line (means over those steps)
     wandb_project: Optional[str] = None  # wandb is used only when this is set
     wandb_entity: Optional[str] = None
-    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: $WANDB_MODE, else online
     tensorboard: bool = False
     profile_steps: Optional[list[int]] = None  # [first, last]: torch.profiler over these steps -> RUN_DIR/profile/
 
@@ -142,7 +143,15 @@ class LoggingSection(_Section):
 
 class DebugSection(_Section):
     inject_nonfinite_steps: list[int] = Field(default_factory=list)  # steps whose loss is set to NaN (tests)
+    inject_nonfinite_grad_steps: list[int] = Field(default_factory=list)  # finite loss, NaN gradients (last rank)
     kill_during_save_step: Optional[int] = None  # SIGKILL itself mid-save at this step (tests)
+    fail_save: Optional[list[int]] = None  # [step, rank]: that rank's checkpoint files fail to write (tests)
+
+    @model_validator(mode="after")
+    def _fail_save_is_step_and_rank(self):
+        if self.fail_save is not None and (len(self.fail_save) != 2 or min(self.fail_save) < 0):
+            raise ValueError(f"debug.fail_save={self.fail_save}: give [step, rank], e.g. [4, 1]")
+        return self
 
 
 class RunConfig(_Section):
