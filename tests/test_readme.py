@@ -80,6 +80,22 @@ def test_links_stay_inside_the_repository():
         assert "://" not in link and target.is_relative_to(REPO) and target.exists(), f"README link {link}"
 
 
+def test_model_sizes_the_readme_states_are_the_models():
+    from halo_pretrain.config import PRESETS, get_preset
+    from halo_pretrain.train.preflight import count_parameters
+    from halo_pretrain.train.run_config import load_run_config
+
+    text = " ".join(README.read_text().split())
+    stated = dict(re.findall(r"`([\w.-]+)` \((\d+(?:\.\d+)?)M", text))
+    assert {"tiny", "small", "medium", "125m"} <= set(stated) <= set(PRESETS)
+    for name, millions in stated.items():
+        digits = len(millions.split(".")[1]) if "." in millions else 0
+        assert round(count_parameters(get_preset(name)) / 1e6, digits) == float(millions), name
+    quickstart = load_run_config("quickstart", ["data.path=unused"]).halo_config()
+    assert f"a {count_parameters(quickstart) / 1e6:.2f}M-parameter HALO-S model" in text
+    assert quickstart.num_layers == 4 and get_preset("tiny").num_layers == 5  # the recipe's comments say so
+
+
 def stdlib_words() -> set[str]:
     words = set()
     for path in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"):
