@@ -25,7 +25,7 @@ README = REPO / "README.md"
 # A README command (as written, without its trailing comment) -> why this test does not run it.
 SKIPPED = {
     'pip install -e ".[dev]" --extra-index-url https://download.pytorch.org/whl/cpu':
-        "installs from PyPI and download.pytorch.org, the network; .ci/run installs the same packages",
+        "installs from PyPI and download.pytorch.org, the network; .ci/run runs it, as written, before the tests",
     "python -m pytest -q": "the test suite itself",
     "halo-prep corpus/*.jsonl -o data/web --tokenizer gpt2 --workers 32":
         "a corpus of your own, and tiktoken downloads gpt2's BPE from the network",
@@ -67,8 +67,9 @@ def test_skipped_commands_are_in_the_readme_and_the_set_up_is_two_commands():
     commands = [c for lang, c in readme_commands(README.read_text()) if lang == "bash"]
     assert set(SKIPPED) <= set(commands), f"stale SKIPPED entries: {set(SKIPPED) - set(commands)}"
     set_up = readme_blocks(README.read_text().split("## Set up", 1)[1])[0][1]
-    assert [strip_comment(line) for line in set_up.splitlines()] == [
-        'pip install -e ".[dev]" --extra-index-url https://download.pytorch.org/whl/cpu', "bash launch/quickstart.sh"]
+    install = 'pip install -e ".[dev]" --extra-index-url https://download.pytorch.org/whl/cpu'
+    assert [strip_comment(line) for line in set_up.splitlines()] == [install, "bash launch/quickstart.sh"]
+    assert f"python3 -m pip install -q -e {install[len('pip install -e '):]}" in (REPO / ".ci" / "run").read_text()
 
 
 def test_links_stay_inside_the_repository():
@@ -77,6 +78,22 @@ def test_links_stay_inside_the_repository():
     for link in links:
         target = (REPO / link.split("#")[0]).resolve()
         assert "://" not in link and target.is_relative_to(REPO) and target.exists(), f"README link {link}"
+
+
+def test_model_sizes_the_readme_states_are_the_models():
+    from halo_pretrain.config import PRESETS, get_preset
+    from halo_pretrain.train.preflight import count_parameters
+    from halo_pretrain.train.run_config import load_run_config
+
+    text = " ".join(README.read_text().split())
+    stated = dict(re.findall(r"`([\w.-]+)` \((\d+(?:\.\d+)?)M", text))
+    assert {"tiny", "small", "medium", "125m"} <= set(stated) <= set(PRESETS)
+    for name, millions in stated.items():
+        digits = len(millions.split(".")[1]) if "." in millions else 0
+        assert round(count_parameters(get_preset(name)) / 1e6, digits) == float(millions), name
+    quickstart = load_run_config("quickstart", ["data.path=unused"]).halo_config()
+    assert f"a {count_parameters(quickstart) / 1e6:.2f}M-parameter HALO-S model" in text
+    assert quickstart.num_layers == 4 and get_preset("tiny").num_layers == 5  # the recipe's comments say so
 
 
 def stdlib_words() -> set[str]:

@@ -20,6 +20,7 @@ import torch
 from ..attention.neighbors import slots_per_query
 from ..config import HaloConfig
 from ..model import HaloSModel
+from .checkpoint.checkpointer import gather_objects
 from .run_config import ConfigError, RunConfig
 
 GIB = 2**30
@@ -62,7 +63,7 @@ def activation_bytes(halo: HaloConfig, backend: str, micro_batch: int, seq_len: 
     block keeps about 11 hidden-sized tensors (norms, projections, RoPE, attention output), 5 of the
     key/value width and 4 of the MLP width; the gather backend also keeps every query's K gathered
     key and value rows and its scores; the reference backend a dense score matrix. Within about 0.85
-    to 1.2 of the peak of real eager CPU steps (tests/test_preflight.py); compiled GPU steps keep less."""
+    to 1.35 of the peak of real eager CPU steps (tests/test_preflight.py); compiled GPU steps keep less."""
     width = 4 if precision == "fp32" else 2
     h, kv, heads = halo.hidden_size, halo.num_kv_heads * halo.head_dim, halo.num_heads
     per_token_layer = 11 * h + 5 * kv + 4 * halo.ffn_size
@@ -196,8 +197,6 @@ def check_before_start(cfg: RunConfig, halo: HaloConfig, plan, device: torch.dev
                        say=print) -> MemoryEstimate:
     """Warn about a vocabulary far larger than the data's; raise ConfigError (on every rank alike) when
     the run cannot fit in memory. Call after the process group exists, before the model is built."""
-    import torch.distributed as dist
-
     from ..attention import resolve_backend
 
     parameters = count_parameters(halo)
@@ -213,12 +212,9 @@ def check_before_start(cfg: RunConfig, halo: HaloConfig, plan, device: torch.dev
     estimate = estimate_memory(cfg, halo, backend, plan.micro_batch_size, plan.world_size, parameters)
     if not cfg.train.check_memory:
         return estimate
-    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank decides alike: none waits on a dead one
-        mine = _verdict(cfg, estimate, device, _ranks_on_this_host())
-        verdicts = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, mine)
-    else:
-        verdicts = [_verdict(cfg, estimate, device)]
+    hosts = gather_objects(socket.gethostname())
+    # every rank decides alike (none waits on one that stopped)
+    verdicts = gather_objects(_verdict(cfg, estimate, device, hosts.count(socket.gethostname())))
     problems = [f"rank {rank}: {v}" if len(verdicts) > 1 else v for rank, v in enumerate(verdicts) if v]
     if problems:
         raise ConfigError(problems[0] + (f" ({len(problems) - 1} more ranks alike)" if len(problems) > 1 else ""))
@@ -239,10 +235,3 @@ def _verdict(cfg: RunConfig, estimate: MemoryEstimate, device: torch.device, ran
                        "(train.check_memory=false skips this check)")
     return problem
 
-
-def _ranks_on_this_host() -> int:
-    import torch.distributed as dist
-
-    names = [None] * dist.get_world_size()
-    dist.all_gather_object(names, socket.gethostname())
-    return names.count(socket.gethostname())
