@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from halo_pretrain.train.metrics import Console, format_duration
+from halo_pretrain.train.metrics import Console, format_duration, read_metrics, truncate_metrics
 from halo_pretrain.train.run_config import ConfigError, load_run_config
 
 
@@ -107,3 +107,11 @@ def test_log_interval_is_a_typed_key(tmp_path):
     assert load_run_config(None, overrides + ["logging.log_interval=50"]).logging.log_interval == 50
     with pytest.raises(ConfigError, match=r"override 'logging.log_interval=0'.*greater than 0"):
         load_run_config(None, overrides + ["logging.log_interval=0"])
+
+
+def test_metrics_readers_skip_the_line_a_live_trainer_is_still_writing(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.5}\n{"step": 2, "loss": 3.25}\n{"step": 3, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 3.5}, {"step": 2, "loss": 3.25}]
+    assert truncate_metrics(tmp_path, last_step=1) == 1
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.5}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import write_atomic
+
 # dense bf16 tensor-core peak per device, FLOP/s, for MFU when train.peak_tflops is not set
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 125e12,
                     "L40S": 362e12, "4090": 165e12}
@@ -92,15 +94,18 @@ def truncate_metrics(run_dir: Path, last_step: int) -> int:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
     return len(kept)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl. Only lines that end in a newline count: a live trainer may be
+    halfway through writing the last one."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    complete = path.read_text().rpartition("\n")[0]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def format_duration(seconds: float) -> str:
