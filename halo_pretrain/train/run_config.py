@@ -84,6 +84,7 @@ class TrainSection(_Section):
     max_nonfinite_steps: int = Field(default=10, ge=0)  # NaN/inf loss or gradient: skipped; exit 3 past this many
     peak_tflops: Optional[float] = Field(default=None, gt=0)  # per device, for MFU; None: known GPUs only
     check_memory: bool = True  # refuse a run whose memory estimate exceeds the device's free memory
+    peer_timeout: float = Field(default=60, gt=0)  # s without a heartbeat before a rank counts as lost (exit 5)
 
 
 class OptimSection(_Section):

@@ -7,6 +7,8 @@ Exit codes of halo-train (every rank exits with the same one):
     3   stopped: more than train.max_nonfinite_steps steps had a NaN/inf loss or gradient, or the weights
         became non-finite (the message names the newest checkpoint, whose weights are finite)
     4   a checkpoint could not be saved or loaded (disk full, unusable checkpoint); the previous one stays
+    5   another rank was lost (died, hung, or its node went away; the message names it): this one stopped
+        too, without saving; rerun the same command to resume from the newest checkpoint
     75  stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint: rerun the same command to resume
         (75 is EX_TEMPFAIL; a Slurm script requeues on it)
     130 a second Ctrl-C: stopped at once, nothing saved (the previous checkpoint stays)
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 75
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_PEER_LOST, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 5, 75
 EXIT_INTERRUPTED = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

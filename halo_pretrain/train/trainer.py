@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ from .checkpoint import CheckpointError, Checkpointer, NonFiniteWeightsError, Tr
 from .checkpoint.checkpointer import gather_objects
 from .engine import BatchPlan, batch_plan, build_engine
 from .metrics import MetricsLogger, check_logging_packages, memory_gb, peak_flops, truncate_metrics
+from .peers import PeerWatch
 from .preflight import check_before_start
 from .profiling import StepProfiler
 from .run_config import ConfigError, RunConfig
 from .run_lock import RunLock, RunLockError
 from .schedule import learning_rate
-from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopRequest
+from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, StopRequest
 
 
 class NonFinite(enum.Enum):
@@ -105,10 +107,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         distributed.init(info, self.device.type)
-        self.lock = self._lock_run_dir()
+        self.lock = None
+        self.peers = PeerWatch(info.rank, info.world_size, info.master_addr, info.master_port,
+                               cfg.train.peer_timeout, before_exit=self.release).start()
         try:
+            self.lock = self._lock_run_dir()
             self._build()
         except BaseException:
+            self.peers.stop(None)
             self.release()
             raise
 
@@ -359,11 +365,22 @@ class Trainer:
 
 
 def run_training(cfg: RunConfig, info: distributed.RankInfo) -> int:
-    trainer = Trainer(cfg, info)  # holds run.dir's lock from here on
+    trainer = Trainer(cfg, info)  # holds run.dir's lock and watches the other ranks from here on
+    code = None
     try:
         code = trainer.run()
+        trainer.peers.stop(code)  # before the barrier: no rank watches once rank 0, the store's server, ends
         dist.barrier()
+    except Exception as error:
+        why = trainer.peers.loss()  # a collective failed because a rank is gone: say which, not a traceback
+        if why is None:
+            raise
+        print(f"halo-train: rank {info.rank}: error: {why} ({type(error).__name__} here); stopped (exit "
+              f"{EXIT_PEER_LOST}). Rerun the same command to resume from the newest checkpoint",
+              file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
     finally:
+        trainer.peers.stop(code)
         trainer.release()
     dist.destroy_process_group()
     return code
