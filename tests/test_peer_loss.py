@@ -143,3 +143,61 @@ def test_a_killed_rank_is_named_by_the_other_which_stops_within_seconds_and_the_
     assert "Rerun the same command to resume from the newest checkpoint" in out
     assert launcher.returncode != 0 and took < 15
     resume_and_check(config, run_dir, saved)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def watches():
+    """Three ranks' watches in this process on a real TCP store, checked by hand with a clock of the test's."""
+    from torch.distributed import TCPStore
+
+    from halo_pretrain.train.peers import PeerWatch
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    clock = Clock()
+    ranks = [PeerWatch(r, 3, "127.0.0.1", server.port, timeout_s=30, clock=clock) for r in range(3)]
+    for w in ranks:
+        w.connect()
+    yield ranks, clock
+    del server
+
+
+def check_all(ranks, settle=True, skip=()):
+    return [None if w.rank in skip else w._check(settle)[0] for w in ranks]
+
+
+def test_a_rank_silent_for_the_peer_timeout_is_lost(watches):
+    ranks, clock = watches
+    assert check_all(ranks) == [None, None, None]
+    assert ranks[0]._check(True)[0] is None  # rank 0 has seen every rank's latest beat
+    pid = ranks[0].me.pid
+    clock.now += 29
+    assert check_all(ranks, skip={2}) == [None, None, None]  # rank 2 silent for 29 s: not yet
+    clock.now += 2
+    assert check_all(ranks, skip={2})[0] == (f"rank 2 (pid {pid} on {HOST}) sent no heartbeat for 31 s "
+                                            "(train.peer_timeout=30): it hangs, or its node is lost")
+
+
+def test_a_clean_end_is_never_a_loss_and_an_error_is_after_its_grace(watches):
+    from halo_pretrain.train.peers import ENDED_GRACE_S, Bounded
+
+    ranks, clock = watches
+    check_all(ranks)
+    Bounded(lambda: ranks[2].store.append("halo-train/peers/ended", "2:0;")).wait(2)
+    clock.now += 100  # long past the peer timeout: an ended rank is not silent
+    assert check_all(ranks, skip={2}) == [None, None, None]
+    Bounded(lambda: ranks[1].store.append("halo-train/peers/ended", "1:?;")).wait(2)
+    assert ranks[0]._check(settle=True)[0] is None  # it may be the error rank 0 is about to meet too
+    message = ranks[0]._check(settle=False)[0]  # a collective failed: say so at once
+    assert message.startswith("rank 1 (pid ") and "ended with an error (its log says why)" in message
+    clock.now += ENDED_GRACE_S
+    assert ranks[0]._check(settle=True) == (message, True)
+    ranks[0]._announce(message)
+    assert ranks[2]._check(settle=True) == (f"rank 0 reports: {message}", False)

@@ -88,30 +88,35 @@ class PeerWatch:
         self.ended: dict[int, str] = {}  # rank -> the exit code it marked, as read from the store
 
     def start(self) -> "PeerWatch":
+        """Join the watch and check once a second from a thread of its own (multi-rank runs only)."""
         if self.world_size == 1:
             return self
+        self.connect()
+        Bounded(self._read_peers).wait(self.timeout_s)  # the others start with this rank; else the watch retries
+        self._thread = threading.Thread(target=self._run, name="halo-train-peer-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def connect(self) -> None:
+        """Write this rank's pid, host and first heartbeat to the store."""
         from torch.distributed import TCPStore
 
         self.store = TCPStore(self.addr, self.port, is_master=False, wait_for_workers=False,
                               timeout=timedelta(seconds=self.timeout_s))
-        me = Peer(self.rank, os.getpid(), socket.gethostname(), this_machine())
-        self.store.set(f"{KEY}peer/{self.rank}", json.dumps(me.__dict__))
+        self.me = Peer(self.rank, os.getpid(), socket.gethostname(), this_machine())
+        self.store.set(f"{KEY}peer/{self.rank}", json.dumps(self.me.__dict__))
         self.store.add(f"{KEY}beat/{self.rank}", 1)
         for name in ("ended", "lost"):
             self.store.append(KEY + name, "")  # created empty, so that reading it never waits
-        self.me = me
-        Bounded(self._read_peers).wait(self.timeout_s)  # the others start with this rank; else the watch retries
         now = self.clock()
         self.last_beat = {r: (-1, now) for r in range(self.world_size)}  # rank -> (counter, when it moved)
         self.store_ok_at = now
         self.suspected: dict[tuple[int, str], float] = {}  # (rank, kind) -> when first suspected
         self._round: Bounded | None = None  # the store call of the current check, or one still pending
-        self._thread = threading.Thread(target=self._run, name="halo-train-peer-watch", daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self, code: int | None) -> None:
-        """This rank ends by itself with `code` (None: unknown): no peer takes that for a loss."""
+        """This rank ends by itself with exit `code` (None: an error on its way to the caller): a peer
+        never takes 0 for a loss, and another code only once it has outlived this rank by ENDED_GRACE_S."""
         if self._thread is None or self._stopped.is_set():
             return
         self._stopped.set()
@@ -121,7 +126,8 @@ class PeerWatch:
 
     def loss(self) -> str | None:
         """Why the run lost a rank, checked now, for a collective that just failed: a peer's process
-        gone, a loss another rank announced, or the store unreachable. None: no peer is known lost."""
+        gone, a peer that ended with an error, a loss another rank announced, or the store unreachable.
+        None: no peer is known lost."""
         if self._thread is None:
             return None
         with self._lock:
@@ -181,11 +187,12 @@ class PeerWatch:
             why = (f"{self._name(0)}, which serves the rendezvous store at {self.addr}:{self.port}, did not answer "
                    f"for {now - self.store_ok_at:.0f} s ({detail}): it died, hangs, or its node is lost")
             suspects.append((0, "store", why, 0.0))
+        for rank, code in self.ended.items():
+            if code != "0" and rank != self.rank:
+                how = "with an error" if code == "?" else f"with exit {code}"
+                why = f"{self._name(rank)} ended {how} (its log says why) while this rank was still running"
+                suspects.append((rank, "ended", why, ENDED_GRACE_S))
         if settle:
-            for rank, code in self.ended.items():
-                if code != "0" and rank != self.rank:
-                    why = f"{self._name(rank)} ended with exit {code} (its log says why) while this rank still runs"
-                    suspects.append((rank, "ended", why, ENDED_GRACE_S))
             for rank, value in enumerate(beats):
                 count, since = self.last_beat[rank]
                 if int(value) != count:

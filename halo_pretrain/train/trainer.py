@@ -372,12 +372,16 @@ def run_training(cfg: RunConfig, info: distributed.RankInfo) -> int:
         trainer.peers.stop(code)  # before the barrier: no rank watches once rank 0, the store's server, ends
         dist.barrier()
     except Exception as error:
-        why = trainer.peers.loss()  # a collective failed because a rank is gone: say which, not a traceback
+        # what a collective raises when a peer is gone (gloo: RuntimeError, NCCL: DistBackendError); then
+        # say which peer, not a traceback. Other errors (out of memory, a checkpoint's, ...) are this rank's own
+        collective = type(error) is RuntimeError or isinstance(error, dist.DistError)
+        why = trainer.peers.loss() if collective else None
         if why is None:
             raise
-        print(f"halo-train: rank {info.rank}: error: {why} ({type(error).__name__} here); stopped (exit "
-              f"{EXIT_PEER_LOST}). Rerun the same command to resume from the newest checkpoint",
-              file=sys.stderr, flush=True)
+        here = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        print(f"halo-train: rank {info.rank}: error: {why}; stopped (exit {EXIT_PEER_LOST}; here: "
+              f"{type(error).__name__}{': ' + here if here else ''}). Rerun the same command to resume from the "
+              "newest checkpoint", file=sys.stderr, flush=True)
         return EXIT_PEER_LOST
     finally:
         trainer.peers.stop(code)
