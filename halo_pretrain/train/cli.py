@@ -19,8 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="halo-train",
         description="Pretrain a HALO-S model with DeepSpeed. Overrides are dotted keys: train.steps=100.",
         epilog="exit codes: 0 done, 1 error, 2 bad config/input or run.dir in use, 3 too many non-finite "
-               "losses or gradients, 4 checkpoint save/load failed, 5 another rank was lost, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after "
-               "saving (rerun to resume), 130 a second Ctrl-C (stopped at once)")
+               "losses or gradients, 4 checkpoint save/load failed, 5 another rank was lost (rerun to resume), "
+               "75 stopped by SIGTERM/SIGUSR1/Ctrl-C after saving (rerun to resume), 130 a second Ctrl-C "
+               "(stopped at once)")
     parser.add_argument("--config", "-c", help="a run YAML file, or a built-in recipe name (quickstart, 125m, ...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
