@@ -4,7 +4,7 @@ in a collective until the process group's timeout (30 minutes by default).
 
 Each rank keeps a heartbeat counter in the rendezvous store (its own TCPStore client of the server
 that rank 0 started for the process group on MASTER_ADDR:MASTER_PORT) and, once a second:
-- sees a rank on its own node whose process has ended at once (no such pid, or a zombie);
+- sees a rank on its own node whose process has ended (no such pid, or a zombie) within seconds;
 - rank 0 sees any rank whose counter has not moved for `train.peer_timeout` seconds (it hangs, or
   its node is gone), and announces it in the store; every rank reads the announcements;
 - the other ranks see the store unreachable for `train.peer_timeout` seconds: rank 0, which
