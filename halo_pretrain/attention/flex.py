@@ -5,7 +5,7 @@ from functools import lru_cache
 import torch
 
 from ..config import HaloConfig
-from .neighbors import layer_key, mix32
+from .neighbors import layer_key, random_target
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -26,11 +26,9 @@ def halo_mask_mod(config: HaloConfig, layer: int):
         for d in offsets:
             ok = ok | (t == q_idx - d)
         if r:
-            q64 = q_idx.to(torch.int64)
-            hq = mix32(q64 ^ key)
-            span = torch.clamp(q64 - w + 1, min=1)
-            for slot in range(r):
-                ok = ok | ((q64 >= w) & (t.to(torch.int64) == mix32(hq ^ slot) % span))
+            q64, t64 = q_idx.to(torch.int64), t.to(torch.int64)
+            for slot in range(r):  # as a set: a duplicate slot adds nothing, so no dedup here
+                ok = ok | ((q64 >= w) & (t64 == random_target(key, q64, slot, w)))
         return (kv_idx < g) | ((t >= 0) & ok)
 
     return mask_mod

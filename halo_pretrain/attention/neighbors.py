@@ -45,23 +45,42 @@ def layer_key(seed: int, layer: int) -> int:
     return mix32(mix32(seed & MASK32) ^ (layer & MASK32))
 
 
-def random_target(key: int, q: int, slot: int, window: int) -> int:
-    """One random neighbour of query q (q >= window), as plain Python: the readable definition."""
-    return mix32(mix32(key ^ q) ^ slot) % (q - window + 1)
+def random_target(key, q, slot, window):
+    """Random neighbour `slot` of query q: Python ints (the readable definition) or, elementwise, int64
+    tensors. Meaningful only where q >= window: below it a query has no random keys."""
+    span = q - window + 1
+    span = span.clamp(min=1) if isinstance(span, torch.Tensor) else max(span, 1)
+    return mix32(mix32(key ^ q) ^ slot) % span
+
+
+def random_slots(q: torch.Tensor, window: int, offsets, num_random: int, key: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random slots of the query positions `q` (int64 [M]) -> (target int64 [M, R], valid bool [M, R]),
+    deduplicated as the contract says: valid where q >= window, the target is no dilated position (a target
+    is at least `window` behind q, so only offsets d >= window can meet it) and no earlier slot's target.
+    One pass over [M] per slot and offset: memory stays O(M R) at a million tokens."""
+    q = q.to(torch.int64)
+    targets, valid = [], []
+    for slot in range(num_random):
+        t = random_target(key, q, slot, window)
+        ok = q >= window
+        for d in offsets:
+            ok = ok & (q - t != d)
+        for earlier in targets:
+            ok = ok & (t != earlier)
+        targets.append(t)
+        valid.append(ok)
+    if not targets:
+        return q.new_empty(q.shape[0], 0), torch.zeros(q.shape[0], 0, dtype=torch.bool, device=q.device)
+    return torch.stack(targets, 1), torch.stack(valid, 1)
 
 
 def random_targets(q: torch.Tensor, config: HaloConfig, layer: int) -> torch.Tensor:
-    """Random neighbours of the query positions `q` (int64 [M]) -> int64 [M, num_random], -1 where q < W."""
-    w, r = config.local_window, config.num_random
+    """Random neighbours of the query positions `q` (int64 [M]) -> int64 [M, num_random], -1 where q < W
+    (before deduplication: `random_slots` says which slots count)."""
     q = q.to(torch.int64)
-    if r == 0:
-        return q.new_empty(q.shape[0], 0)
-    h = mix32(layer_key(config.seed, layer) ^ q)  # [M]
-    slots = torch.arange(r, device=q.device, dtype=torch.int64)
-    h = mix32(h[:, None] ^ slots[None, :])  # [M, R]
-    span = (q - w + 1).clamp(min=1)[:, None]
-    t = h % span
-    return torch.where((q >= w)[:, None], t, torch.full_like(t, -1))
+    t, _ = random_slots(q, config.local_window, (), config.num_random, layer_key(config.seed, layer))
+    return torch.where((q >= config.local_window)[:, None], t, torch.full_like(t, -1))
 
 
 def slots_per_query(config: HaloConfig) -> int:
@@ -86,14 +105,7 @@ def neighbor_index(
     dil = q - offs[None, :]
     dil_ok = (dil >= 0) & (offs[None, :] >= w)
 
-    rnd = random_targets(q[:, 0], config, layer)  # [M, R]
-    rnd_ok = rnd >= 0
-    if rnd.shape[1]:
-        same_as_dilated = ((rnd[:, :, None] == dil[:, None, :]) & dil_ok[:, None, :]).any(-1)
-        r = rnd.shape[1]
-        earlier = torch.ones(r, r, dtype=torch.bool, device=device).tril(-1)  # [r, s]: s < r
-        same_as_earlier = ((rnd[:, :, None] == rnd[:, None, :]) & earlier[None]).any(-1)
-        rnd_ok = rnd_ok & ~same_as_dilated & ~same_as_earlier
+    rnd, rnd_ok = random_slots(q[:, 0], w, config.offsets, config.num_random, layer_key(config.seed, layer))
 
     index = torch.cat([win, dil, rnd], dim=1)
     valid = torch.cat([win_ok, dil_ok, rnd_ok], dim=1)

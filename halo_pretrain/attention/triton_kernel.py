@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..config import HaloConfig
-from .neighbors import layer_key, mix32
+from .neighbors import layer_key, random_slots
 from .triton_bwd import halo_bwd_dkv_kernel, halo_bwd_dq_kernel
 from .triton_fwd import halo_fwd_kernel
 
@@ -115,23 +115,11 @@ def random_inverse(n: int, window: int, offsets: tuple[int, ...], num_random: in
     so every random edge appears once. Depends only on (n, config, layer): cached.
     """
     q = torch.arange(n, dtype=torch.int64, device=device)
-    query_hash = mix32(q ^ key)
-    span = (q - window + 1).clamp(min=1)
-    targets, valid = [], []
-    for slot in range(num_random):
-        t = mix32(query_hash ^ slot) % span
-        ok = q >= window
-        for d in offsets:
-            ok &= (q - t) != d
-        for earlier in targets:
-            ok &= t != earlier
-        targets.append(t)
-        valid.append(ok)
+    targets, valid_all = random_slots(q, window, offsets, num_random, key)
     start = torch.zeros(n + 1, dtype=torch.int32, device=device)
-    if not targets:
+    if not num_random:
         return start, torch.zeros(1, dtype=torch.int32, device=device)
-    valid_all = torch.stack(valid, 1)
-    t = torch.stack(targets, 1)[valid_all]
+    t = targets[valid_all]
     queries = q[:, None].expand(-1, num_random)[valid_all]
     order = torch.argsort(t, stable=True)
     start[1:] = torch.cumsum(torch.bincount(t, minlength=n), 0)
