@@ -115,8 +115,8 @@ class PeerWatch:
         self._round: Bounded | None = None  # the store call of the current check, or one still pending
 
     def stop(self, code: int | None) -> None:
-        """This rank ends by itself with exit `code` (None: an error on its way to the caller): a peer
-        never takes 0 for a loss, and another code only once it has outlived this rank by ENDED_GRACE_S."""
+        """This rank ends by itself with exit `code` (None: an error on its way to the caller). The peers
+        never count an end with 0 as a loss; another code, once they have outlived this rank by ENDED_GRACE_S."""
         if self._thread is None or self._stopped.is_set():
             return
         self._stopped.set()
@@ -141,7 +141,7 @@ class PeerWatch:
                 if self._stopped.is_set():
                     return
                 why, announce = self._check(settle=True)
-            if why is not None:
+            if why is not None and not self._stopped.is_set():  # a rank that is ending by itself keeps its code
                 if announce:
                     self._announce(why)
                 self._stop_this_rank(why)
